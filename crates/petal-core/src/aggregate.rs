@@ -1,0 +1,161 @@
+//! Streaming weighted averaging: results are folded in as they arrive, so
+//! memory stays O(model) whatever the number of clients.
+
+use crate::types::{CoreError, Parameters, Tensor};
+
+/// Running weighted sum of parameter sets (accumulated in `f64`).
+#[derive(Debug, Default)]
+pub struct WeightedMean {
+    shapes: Vec<Vec<usize>>,
+    sums: Vec<Vec<f64>>,
+    total_weight: f64,
+    count: usize,
+}
+
+impl WeightedMean {
+    /// An empty accumulator; the first folded update fixes the shapes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of updates folded so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Folds `params` with weight `weight`. A wrong shape, a non-finite
+    /// value or a zero weight leaves the accumulator untouched.
+    pub fn fold(&mut self, params: &Parameters, weight: f64) -> Result<(), CoreError> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(CoreError::Invalid(format!(
+                "weight must be positive, got {weight}"
+            )));
+        }
+        for (i, t) in params.tensors.iter().enumerate() {
+            if let Some(pos) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(CoreError::NotFinite(format!(
+                    "tensor {i} holds {} at index {pos}",
+                    t.data[pos]
+                )));
+            }
+        }
+        if self.count == 0 {
+            self.shapes = params.tensors.iter().map(|t| t.shape.clone()).collect();
+            self.sums = params
+                .tensors
+                .iter()
+                .map(|t| vec![0.0; t.data.len()])
+                .collect();
+        } else {
+            if params.tensors.len() != self.shapes.len() {
+                return Err(CoreError::ShapeMismatch(format!(
+                    "expected {} tensors, got {}",
+                    self.shapes.len(),
+                    params.tensors.len()
+                )));
+            }
+            for (i, (t, s)) in params.tensors.iter().zip(&self.shapes).enumerate() {
+                if &t.shape != s {
+                    return Err(CoreError::ShapeMismatch(format!(
+                        "tensor {i}: expected shape {s:?}, got {:?}",
+                        t.shape
+                    )));
+                }
+            }
+        }
+        for (sum, t) in self.sums.iter_mut().zip(&params.tensors) {
+            for (acc, &v) in sum.iter_mut().zip(&t.data) {
+                *acc += weight * v as f64;
+            }
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The weighted mean, or `None` when nothing was folded.
+    pub fn finish(self) -> Option<Parameters> {
+        if self.count == 0 {
+            return None;
+        }
+        let w = self.total_weight;
+        let tensors = self
+            .shapes
+            .into_iter()
+            .zip(self.sums)
+            .map(|(shape, sum)| Tensor {
+                shape,
+                data: sum.into_iter().map(|v| (v / w) as f32).collect(),
+            })
+            .collect();
+        Some(Parameters { tensors })
+    }
+}
+
+/// Running weighted mean of scalars (loss, accuracy).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScalarMean {
+    sum: f64,
+    weight: f64,
+}
+
+impl ScalarMean {
+    /// Adds `value` with weight `weight`.
+    pub fn add(&mut self, value: f64, weight: f64) {
+        self.sum += value * weight;
+        self.weight += weight;
+    }
+
+    /// The weighted mean, or `None` if no weight was added.
+    pub fn mean(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.sum / self.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(vals: &[f32]) -> Parameters {
+        Parameters {
+            tensors: vec![
+                Tensor::new(vec![vals.len()], vals.to_vec()).unwrap(),
+                Tensor::new(vec![1], vec![vals[0] * 2.0]).unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn weighted_average_matches_hand_computation() {
+        let mut m = WeightedMean::new();
+        m.fold(&p(&[1.0, 2.0]), 1.0).unwrap();
+        m.fold(&p(&[4.0, 8.0]), 3.0).unwrap();
+        let out = m.finish().unwrap();
+        // (1*1 + 3*4)/4 = 3.25, (1*2 + 3*8)/4 = 6.5
+        assert_eq!(out.tensors[0].data, vec![3.25, 6.5]);
+        assert_eq!(out.tensors[1].data, vec![6.5]);
+    }
+
+    #[test]
+    fn rejects_nan_and_shape_mismatch_without_corrupting() {
+        let mut m = WeightedMean::new();
+        m.fold(&p(&[1.0, 1.0]), 2.0).unwrap();
+        let err = m.fold(&p(&[f32::NAN, 1.0]), 1.0).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        let err = m.fold(&p(&[1.0, 1.0, 1.0]), 1.0).unwrap_err();
+        assert!(err.to_string().contains("expected shape [2]"), "{err}");
+        assert!(m.fold(&p(&[1.0, 1.0]), 0.0).is_err());
+        assert_eq!(m.count(), 1);
+        assert_eq!(m.finish().unwrap().tensors[0].data, vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn empty_mean_is_none() {
+        assert!(WeightedMean::new().finish().is_none());
+        assert!(ScalarMean::default().mean().is_none());
+        let mut s = ScalarMean::default();
+        s.add(1.0, 1.0);
+        s.add(0.0, 3.0);
+        assert_eq!(s.mean(), Some(0.25));
+    }
+}

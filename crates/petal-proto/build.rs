@@ -1,0 +1,12 @@
+//! Compiles `proto/flwr/proto/transport.proto` with protox (no system protoc).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/flwr/proto/transport.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! NumPy `.npy` encoding and decoding (format versions 1.0, 2.0 and 3.0).
+//!
+//! Flower sends every array as the bytes `numpy.save(allow_pickle=False)`
+//! writes. Petal decodes little- and big-endian floats and integers in C or
+//! Fortran order into `f32` values in C order, and encodes `f32` arrays as
+//! version 1.0 little-endian C-order files, exactly what NumPy writes for a
+//! `float32` array. Object (pickled) arrays are refused: loading them would
+//! run arbitrary code in Python and means nothing here.
+
+use crate::ProtoError;
+
+const MAGIC: &[u8; 6] = b"\x93NUMPY";
+
+/// A decoded array: its shape and its values in C (row-major) order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// Dimensions; empty for a scalar (0-d) array.
+    pub shape: Vec<usize>,
+    /// Values converted to `f32`, in C order.
+    pub data: Vec<f32>,
+}
+
+/// Encodes `data` (C order) with the given `shape` as a little-endian `<f4` `.npy` file.
+pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let shape_str = match shape.len() {
+        0 => "()".to_string(),
+        1 => format!("({},)", shape[0]),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    // NumPy pads the header with spaces so that magic + len + header + '\n' is a multiple of 64.
+    let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a `.npy` file into `f32` values in C order.
+pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
+    let bad = |msg: String| ProtoError::Npy(msg);
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err(bad("missing the \\x93NUMPY magic string".into()));
+    }
+    let (major, minor) = (bytes[6], bytes[7]);
+    let (header_len, start) = match major {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 => {
+            if bytes.len() < 12 {
+                return Err(bad("truncated header length".into()));
+            }
+            let n = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+            (n, 12)
+        }
+        _ => return Err(bad(format!("unsupported format version {major}.{minor}"))),
+    };
+    let end = start
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("header runs past the end of the data".into()))?;
+    let header = std::str::from_utf8(&bytes[start..end])
+        .map_err(|_| bad("header is not valid text".into()))?;
+    let header = Header::parse(header)?;
+    let count = header
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    let body = &bytes[end..];
+    let width = header.dtype.width();
+    let expected = count
+        .checked_mul(width)
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if body.len() != expected {
+        return Err(bad(format!(
+            "shape {:?} of {} needs {expected} data bytes, found {}",
+            header.shape,
+            header.descr,
+            body.len()
+        )));
+    }
+    let mut data: Vec<f32> = body
+        .chunks_exact(width)
+        .map(|c| header.dtype.read(c, header.little_endian))
+        .collect();
+    if header.fortran_order && header.shape.len() > 1 {
+        data = fortran_to_c(&data, &header.shape);
+    }
+    Ok(NpyArray {
+        shape: header.shape,
+        data,
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum DType {
+    F16,
+    F32,
+    F64,
+    I8,
+    I16,
+    I32,
+    I64,
+    U8,
+    U16,
+    U32,
+    U64,
+    Bool,
+}
+
+impl DType {
+    fn width(self) -> usize {
+        match self {
+            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::F16 | DType::I16 | DType::U16 => 2,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    fn read(self, c: &[u8], le: bool) -> f32 {
+        macro_rules! num {
+            ($t:ty) => {{
+                let a = c.try_into().expect("chunk width matches dtype");
+                if le {
+                    <$t>::from_le_bytes(a)
+                } else {
+                    <$t>::from_be_bytes(a)
+                }
+            }};
+        }
+        match self {
+            DType::F16 => f16_to_f32(num!(u16)),
+            DType::F32 => num!(f32),
+            DType::F64 => num!(f64) as f32,
+            DType::I8 => c[0] as i8 as f32,
+            DType::U8 => c[0] as f32,
+            DType::Bool => (c[0] != 0) as u8 as f32,
+            DType::I16 => num!(i16) as f32,
+            DType::U16 => num!(u16) as f32,
+            DType::I32 => num!(i32) as f32,
+            DType::U32 => num!(u32) as f32,
+            DType::I64 => num!(i64) as f32,
+            DType::U64 => num!(u64) as f32,
+        }
+    }
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: value = f * 2^-24.
+            let v = f as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+struct Header {
+    descr: String,
+    dtype: DType,
+    little_endian: bool,
+    fortran_order: bool,
+    shape: Vec<usize>,
+}
+
+impl Header {
+    /// Parses the Python dict literal NumPy writes, e.g.
+    /// `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`.
+    fn parse(text: &str) -> Result<Header, ProtoError> {
+        let bad = |msg: String| ProtoError::Npy(msg);
+        let value_after = |key: &str| -> Result<&str, ProtoError> {
+            let k1 = format!("'{key}'");
+            let k2 = format!("\"{key}\"");
+            let pos = text
+                .find(&k1)
+                .map(|p| p + k1.len())
+                .or_else(|| text.find(&k2).map(|p| p + k2.len()))
+                .ok_or_else(|| bad(format!("header has no '{key}' key: {text}")))?;
+            let rest = text[pos..].trim_start();
+            rest.strip_prefix(':')
+                .map(str::trim_start)
+                .ok_or_else(|| bad(format!("malformed '{key}' entry: {text}")))
+        };
+        let descr_raw = value_after("descr")?;
+        let quote = descr_raw.chars().next().unwrap_or(' ');
+        if quote != '\'' && quote != '"' {
+            return Err(bad(format!(
+                "unsupported dtype description (structured or object arrays are refused): {text}"
+            )));
+        }
+        let descr: String = descr_raw[1..].chars().take_while(|&c| c != quote).collect();
+        let (order, code) = descr.split_at(descr.len().min(1));
+        let little_endian = match order {
+            "<" | "|" | "=" => true,
+            ">" => false,
+            _ => return Err(bad(format!("unsupported dtype '{descr}'"))),
+        };
+        let dtype = match code {
+            "f2" => DType::F16,
+            "f4" => DType::F32,
+            "f8" => DType::F64,
+            "i1" => DType::I8,
+            "i2" => DType::I16,
+            "i4" => DType::I32,
+            "i8" => DType::I64,
+            "u1" => DType::U8,
+            "u2" => DType::U16,
+            "u4" => DType::U32,
+            "u8" => DType::U64,
+            "b1" => DType::Bool,
+            "O" => {
+                return Err(bad(
+                    "object (pickled) arrays are refused: they could run code".into(),
+                ));
+            }
+            _ => return Err(bad(format!("unsupported dtype '{descr}'"))),
+        };
+        let fortran = value_after("fortran_order")?;
+        let fortran_order = if fortran.starts_with("True") {
+            true
+        } else if fortran.starts_with("False") {
+            false
+        } else {
+            return Err(bad(format!("malformed 'fortran_order': {text}")));
+        };
+        let shape_raw = value_after("shape")?;
+        let inner = shape_raw
+            .strip_prefix('(')
+            .and_then(|s| s.split(')').next())
+            .ok_or_else(|| bad(format!("malformed 'shape': {text}")))?;
+        let shape = inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.trim_end_matches('L')
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("malformed dimension '{s}' in shape")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Header {
+            descr,
+            dtype,
+            little_endian,
+            fortran_order,
+            shape,
+        })
+    }
+}
+
+fn fortran_to_c(data: &[f32], shape: &[usize]) -> Vec<f32> {
+    let n = shape.len();
+    let mut out = vec![0.0; data.len()];
+    let mut idx = vec![0usize; n];
+    for value in out.iter_mut() {
+        // `idx` walks C order; compute the Fortran offset of the same element.
+        let mut f_off = 0;
+        let mut stride = 1;
+        for (d, &i) in idx.iter().enumerate() {
+            f_off += i * stride;
+            stride *= shape[d];
+        }
+        *value = data[f_off];
+        for d in (0..n).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `np.save(b, np.arange(6, dtype=np.float32).reshape(2, 3))`, as NumPy 1.26 writes it.
+    fn numpy_f32_2x3() -> Vec<u8> {
+        let mut v =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+                .to_vec();
+        v.extend(std::iter::repeat_n(b' ', 118 - v.len() + 10 - 1));
+        v.push(b'\n');
+        for i in 0..6 {
+            v.extend_from_slice(&(i as f32).to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn encode_matches_numpy_bytes() {
+        let ours = encode_f32(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(ours, numpy_f32_2x3());
+        assert_eq!(ours.len() % 16, 0, "data starts 64-byte aligned");
+    }
+
+    #[test]
+    fn round_trip_shapes() {
+        for shape in [vec![], vec![5], vec![2, 3], vec![6, 3, 5, 5]] {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let back = decode(&encode_f32(&shape, &data)).unwrap();
+            assert_eq!(back.shape, shape);
+            assert_eq!(back.data, data);
+        }
+    }
+
+    #[test]
+    fn decodes_f64_big_endian_and_fortran() {
+        let header = "{'descr': '>f8', 'fortran_order': True, 'shape': (2, 3), }\n";
+        let mut v = b"\x93NUMPY\x02\x00".to_vec();
+        v.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        v.extend_from_slice(header.as_bytes());
+        // Fortran order of [[0,1,2],[3,4,5]] is 0,3,1,4,2,5.
+        for x in [0.0f64, 3.0, 1.0, 4.0, 2.0, 5.0] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        let a = decode(&v).unwrap();
+        assert_eq!(a.shape, vec![2, 3]);
+        assert_eq!(a.data, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn refuses_object_arrays_and_truncation() {
+        let header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }\n";
+        let mut v = b"\x93NUMPY\x01\x00".to_vec();
+        v.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        v.extend_from_slice(header.as_bytes());
+        let err = decode(&v).unwrap_err().to_string();
+        assert!(err.contains("object"), "{err}");
+
+        let full = numpy_f32_2x3();
+        let err = decode(&full[..full.len() - 1]).unwrap_err().to_string();
+        assert!(err.contains("needs 24 data bytes, found 23"), "{err}");
+        assert!(decode(b"not numpy").is_err());
+    }
+
+    #[test]
+    fn half_precision() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+    }
+}

@@ -1,0 +1,255 @@
+//! Conversions between wire messages and `petal-core` types (Flower's
+//! `common/serde.py`).
+
+use petal_core::{Config, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Tensor};
+use std::sync::Arc;
+
+use crate::flwr::{self, client_message as cm, scalar, server_message as sm};
+use crate::{ProtoError, TENSOR_TYPE_NUMPY, npy};
+
+/// Encodes parameters as `.npy` tensors.
+pub fn parameters_to_proto(p: &Parameters) -> flwr::Parameters {
+    flwr::Parameters {
+        tensors: p
+            .tensors
+            .iter()
+            .map(|t| npy::encode_f32(&t.shape, &t.data))
+            .collect(),
+        tensor_type: TENSOR_TYPE_NUMPY.to_string(),
+    }
+}
+
+/// Decodes `.npy` tensors; an empty parameter list may have an empty tensor_type.
+pub fn parameters_from_proto(p: &flwr::Parameters) -> Result<Parameters, ProtoError> {
+    if !p.tensors.is_empty() && p.tensor_type != TENSOR_TYPE_NUMPY {
+        return Err(ProtoError::TensorType(p.tensor_type.clone()));
+    }
+    let tensors = p
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(index, bytes)| {
+            let a = npy::decode(bytes).map_err(|e| ProtoError::Tensor {
+                index,
+                source: Box::new(e),
+            })?;
+            Ok(Tensor::new(a.shape, a.data)?)
+        })
+        .collect::<Result<_, ProtoError>>()?;
+    Ok(Parameters { tensors })
+}
+
+/// Converts a core scalar to the wire.
+pub fn scalar_to_proto(s: &Scalar) -> flwr::Scalar {
+    let v = match s {
+        Scalar::Bool(b) => scalar::Scalar::Bool(*b),
+        Scalar::I64(i) => scalar::Scalar::Sint64(*i),
+        Scalar::U64(u) => scalar::Scalar::Uint64(*u),
+        Scalar::Double(d) => scalar::Scalar::Double(*d),
+        Scalar::Str(s) => scalar::Scalar::String(s.clone()),
+        Scalar::Bytes(b) => scalar::Scalar::Bytes(b.clone()),
+    };
+    flwr::Scalar { scalar: Some(v) }
+}
+
+fn scalar_from_proto(s: &flwr::Scalar) -> Option<Scalar> {
+    Some(match s.scalar.as_ref()? {
+        scalar::Scalar::Bool(b) => Scalar::Bool(*b),
+        scalar::Scalar::Sint64(i) => Scalar::I64(*i),
+        scalar::Scalar::Uint64(u) => Scalar::U64(*u),
+        scalar::Scalar::Double(d) => Scalar::Double(*d),
+        scalar::Scalar::String(s) => Scalar::Str(s.clone()),
+        scalar::Scalar::Bytes(b) => Scalar::Bytes(b.clone()),
+    })
+}
+
+/// Converts a config map to the wire.
+pub fn config_to_proto(c: &Config) -> std::collections::HashMap<String, flwr::Scalar> {
+    c.iter()
+        .map(|(k, v)| (k.clone(), scalar_to_proto(v)))
+        .collect()
+}
+
+/// Converts a wire config map; entries without a value are dropped.
+pub fn config_from_proto(c: &std::collections::HashMap<String, flwr::Scalar>) -> Config {
+    c.iter()
+        .filter_map(|(k, v)| scalar_from_proto(v).map(|s| (k.clone(), s)))
+        .collect()
+}
+
+fn examples(n: i64) -> Result<u64, ProtoError> {
+    u64::try_from(n).map_err(|_| ProtoError::NegativeExamples(n))
+}
+
+/// Server side: builds the wire fit instruction.
+pub fn fit_ins_to_proto(ins: &FitIns) -> sm::FitIns {
+    sm::FitIns {
+        parameters: Some(parameters_to_proto(&ins.parameters)),
+        config: config_to_proto(&ins.config),
+    }
+}
+
+/// Client side: reads a fit instruction.
+pub fn fit_ins_from_proto(ins: &sm::FitIns) -> Result<FitIns, ProtoError> {
+    let p = ins
+        .parameters
+        .as_ref()
+        .ok_or(ProtoError::Missing("parameters"))?;
+    Ok(FitIns {
+        parameters: Arc::new(parameters_from_proto(p)?),
+        config: config_from_proto(&ins.config),
+    })
+}
+
+/// Server side: builds the wire evaluate instruction.
+pub fn evaluate_ins_to_proto(ins: &EvaluateIns) -> sm::EvaluateIns {
+    sm::EvaluateIns {
+        parameters: Some(parameters_to_proto(&ins.parameters)),
+        config: config_to_proto(&ins.config),
+    }
+}
+
+/// Client side: reads an evaluate instruction.
+pub fn evaluate_ins_from_proto(ins: &sm::EvaluateIns) -> Result<EvaluateIns, ProtoError> {
+    let p = ins
+        .parameters
+        .as_ref()
+        .ok_or(ProtoError::Missing("parameters"))?;
+    Ok(EvaluateIns {
+        parameters: Arc::new(parameters_from_proto(p)?),
+        config: config_from_proto(&ins.config),
+    })
+}
+
+fn ok_status() -> Option<flwr::Status> {
+    Some(flwr::Status {
+        code: flwr::Code::Ok as i32,
+        message: "Success".into(),
+    })
+}
+
+/// A non-OK status; Flower's server counts such a result as a failure.
+pub fn failed_status(code: flwr::Code, message: impl Into<String>) -> Option<flwr::Status> {
+    Some(flwr::Status {
+        code: code as i32,
+        message: message.into(),
+    })
+}
+
+/// The status message when it is not OK.
+pub fn status_error(status: &Option<flwr::Status>) -> Option<String> {
+    match status {
+        Some(s) if s.code != flwr::Code::Ok as i32 => {
+            let code = flwr::Code::try_from(s.code)
+                .map(|c| c.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("code {}", s.code));
+            Some(format!("{code}: {}", s.message))
+        }
+        _ => None,
+    }
+}
+
+/// Client side: builds the wire fit result.
+pub fn fit_res_to_proto(res: &FitRes) -> cm::FitRes {
+    cm::FitRes {
+        status: ok_status(),
+        parameters: Some(parameters_to_proto(&res.parameters)),
+        num_examples: res.num_examples as i64,
+        metrics: config_to_proto(&res.metrics),
+    }
+}
+
+/// Server side: reads a fit result (a non-OK status is an error).
+pub fn fit_res_from_proto(res: &cm::FitRes) -> Result<FitRes, ProtoError> {
+    if let Some(e) = status_error(&res.status) {
+        return Err(ProtoError::Core(petal_core::CoreError::Invalid(e)));
+    }
+    let p = res
+        .parameters
+        .as_ref()
+        .ok_or(ProtoError::Missing("parameters"))?;
+    Ok(FitRes {
+        parameters: parameters_from_proto(p)?,
+        num_examples: examples(res.num_examples)?,
+        metrics: config_from_proto(&res.metrics),
+    })
+}
+
+/// Client side: builds the wire evaluate result.
+pub fn evaluate_res_to_proto(res: &EvaluateRes) -> cm::EvaluateRes {
+    cm::EvaluateRes {
+        status: ok_status(),
+        loss: res.loss,
+        num_examples: res.num_examples as i64,
+        metrics: config_to_proto(&res.metrics),
+    }
+}
+
+/// Server side: reads an evaluate result (a non-OK status is an error).
+pub fn evaluate_res_from_proto(res: &cm::EvaluateRes) -> Result<EvaluateRes, ProtoError> {
+    if let Some(e) = status_error(&res.status) {
+        return Err(ProtoError::Core(petal_core::CoreError::Invalid(e)));
+    }
+    Ok(EvaluateRes {
+        loss: res.loss,
+        num_examples: examples(res.num_examples)?,
+        metrics: config_from_proto(&res.metrics),
+    })
+}
+
+/// Client side: builds the wire get_parameters result.
+pub fn get_parameters_res_to_proto(p: &Parameters) -> cm::GetParametersRes {
+    cm::GetParametersRes {
+        status: ok_status(),
+        parameters: Some(parameters_to_proto(p)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_round_trip() {
+        let ins = FitIns {
+            parameters: Arc::new(Parameters {
+                tensors: vec![Tensor::new(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap()],
+            }),
+            config: [
+                ("epochs".to_string(), Scalar::I64(2)),
+                ("lr".to_string(), Scalar::Double(0.01)),
+                ("name".to_string(), Scalar::Str("x".into())),
+            ]
+            .into(),
+        };
+        let back = fit_ins_from_proto(&fit_ins_to_proto(&ins)).unwrap();
+        assert_eq!(back, ins);
+    }
+
+    #[test]
+    fn non_ok_status_is_an_error() {
+        let res = cm::FitRes {
+            status: failed_status(flwr::Code::FitNotImplemented, "worker crashed"),
+            parameters: None,
+            num_examples: 0,
+            metrics: Default::default(),
+        };
+        let err = fit_res_from_proto(&res).unwrap_err().to_string();
+        assert!(err.contains("worker crashed"), "{err}");
+    }
+
+    #[test]
+    fn bad_tensor_names_its_index() {
+        let p = flwr::Parameters {
+            tensors: vec![npy::encode_f32(&[1], &[1.0]), b"junk".to_vec()],
+            tensor_type: TENSOR_TYPE_NUMPY.into(),
+        };
+        let err = parameters_from_proto(&p).unwrap_err().to_string();
+        assert!(err.starts_with("tensor 1:"), "{err}");
+        let p = flwr::Parameters {
+            tensors: vec![vec![1]],
+            tensor_type: "torch".into(),
+        };
+        assert!(parameters_from_proto(&p).is_err());
+    }
+}
