@@ -1,1 +1,189 @@
-//! placeholder
+//! Image data sets for Petal clients: Fashion-MNIST (idx), CIFAR-10 (binary
+//! batches, with a verified download), and `synthetic` learnable images;
+//! plus seeded IID partitioning.
+//!
+//! Images stay as `u8` pixels (channel-major, C×H×W per image) until a
+//! learner turns a batch into tensors; this crate knows no ML framework.
+
+mod cifar;
+pub mod download;
+mod idx;
+mod partition;
+mod synthetic;
+
+use std::path::{Path, PathBuf};
+
+pub use cifar::{CIFAR10_ARCHIVE, cifar10_remote};
+pub use partition::partition_indices;
+pub use synthetic::SyntheticSpec;
+
+/// Where Debian's `dataset-fashion-mnist` package installs Fashion-MNIST.
+pub const DEBIAN_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Errors loading data; each names the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("unknown dataset '{0}' (expected fashion-mnist, cifar10 or synthetic)")]
+    UnknownDataset(String),
+    #[error("{what} not found (looked in {looked}){hint}")]
+    Missing {
+        what: String,
+        looked: String,
+        hint: String,
+    },
+    #[error("{path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("download of {url} failed: {reason}")]
+    Download { url: String, reason: String },
+    #[error("{path}: checksum mismatch (expected {expected}, got {actual})")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("invalid partition: {0}")]
+    Partition(String),
+    #[error("invalid synthetic spec: {0}")]
+    Synthetic(String),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A labelled image set held as raw pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    /// Channels, height, width of every image.
+    pub shape: [usize; 3],
+    /// Number of classes; labels are `0..num_classes`.
+    pub num_classes: usize,
+    /// `len() * C*H*W` pixels, image after image, each channel-major.
+    pub pixels: Vec<u8>,
+    /// One label per image.
+    pub labels: Vec<u8>,
+}
+
+impl ImageSet {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when the set holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Values per image.
+    pub fn image_size(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_size();
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> ImageSet {
+        let mut pixels = Vec::with_capacity(indices.len() * self.image_size());
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i));
+        }
+        ImageSet {
+            shape: self.shape,
+            num_classes: self.num_classes,
+            pixels,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+}
+
+/// A train and a test split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Splits {
+    pub train: ImageSet,
+    pub test: ImageSet,
+}
+
+/// Which data set to load and where from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetSpec {
+    /// Fashion-MNIST idx files (`*-idx?-ubyte[.gz]`).
+    FashionMnist,
+    /// CIFAR-10 binary batches (`cifar-10-batches-bin/`).
+    Cifar10 {
+        /// Archive to download when the files are missing (see [`cifar10_remote`]).
+        download: Option<download::Remote>,
+    },
+    /// Generated images.
+    Synthetic(SyntheticSpec),
+}
+
+impl DatasetSpec {
+    /// Parses a data set name: `fashion-mnist`, `cifar10` or `synthetic`.
+    pub fn from_name(
+        name: &str,
+        download: bool,
+        synthetic: SyntheticSpec,
+    ) -> Result<Self, DataError> {
+        match name {
+            "fashion-mnist" | "fashion_mnist" | "fmnist" => Ok(DatasetSpec::FashionMnist),
+            "cifar10" | "cifar-10" => Ok(DatasetSpec::Cifar10 {
+                download: download.then(cifar10_remote),
+            }),
+            "synthetic" => Ok(DatasetSpec::Synthetic(synthetic)),
+            other => Err(DataError::UnknownDataset(other.to_string())),
+        }
+    }
+
+    /// Loads both splits. `data_dir` is searched first; Fashion-MNIST then
+    /// falls back to [`DEBIAN_FASHION_MNIST`].
+    pub fn load(&self, data_dir: Option<&Path>) -> Result<Splits, DataError> {
+        match self {
+            DatasetSpec::FashionMnist => {
+                let mut dirs: Vec<PathBuf> =
+                    data_dir.map(|d| d.to_path_buf()).into_iter().collect();
+                if let Some(d) = data_dir {
+                    dirs.push(d.join("fashion-mnist"));
+                }
+                dirs.push(PathBuf::from(DEBIAN_FASHION_MNIST));
+                idx::load_fashion_mnist(&dirs)
+            }
+            DatasetSpec::Cifar10 { download } => {
+                let dir = data_dir
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("data"));
+                cifar::load_cifar10(&dir, download.as_ref())
+            }
+            DatasetSpec::Synthetic(spec) => spec.generate(),
+        }
+    }
+
+    /// Loads both splits and keeps partition `id` of `num` (seeded, IID).
+    pub fn load_partition(
+        &self,
+        data_dir: Option<&Path>,
+        id: usize,
+        num: usize,
+        seed: u64,
+    ) -> Result<Splits, DataError> {
+        let all = self.load(data_dir)?;
+        let train = partition_indices(all.train.len(), id, num, seed)?;
+        let test = partition_indices(all.test.len(), id, num, seed.wrapping_add(1))?;
+        Ok(Splits {
+            train: all.train.select(&train),
+            test: all.test.select(&test),
+        })
+    }
+}

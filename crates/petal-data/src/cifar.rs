@@ -1,0 +1,273 @@
+//! CIFAR-10 in its official binary layout (`cifar-10-batches-bin/`), with
+//! download and extraction of the official archive on first use.
+
+use std::path::{Path, PathBuf};
+
+use crate::download::{Checksum, Remote, fetch};
+use crate::{DataError, ImageSet, Splits, io_err};
+
+/// The official CIFAR-10 binary archive and its published MD5.
+pub const CIFAR10_ARCHIVE: (&str, &str) = (
+    "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    "c32a1d4ab5d03f1284b67883e8d87530",
+);
+
+const RECORD: usize = 1 + 3 * 32 * 32;
+const DIR: &str = "cifar-10-batches-bin";
+
+/// The official archive as a [`Remote`].
+pub fn cifar10_remote() -> Remote {
+    Remote {
+        url: CIFAR10_ARCHIVE.0.to_string(),
+        checksum: Checksum::Md5(CIFAR10_ARCHIVE.1.to_string()),
+    }
+}
+
+fn batches_dir(dir: &Path) -> Option<PathBuf> {
+    [dir.join(DIR), dir.to_path_buf()]
+        .into_iter()
+        .find(|d| d.join("test_batch.bin").is_file())
+}
+
+/// Loads CIFAR-10 from `dir` (or `dir/cifar-10-batches-bin`), downloading
+/// `download` into `dir` first when the files are missing.
+pub fn load_cifar10(dir: &Path, download: Option<&Remote>) -> Result<Splits, DataError> {
+    let batches = match (batches_dir(dir), download) {
+        (Some(b), _) => b,
+        (None, Some(remote)) => {
+            let archive = fetch(remote, &dir.join("cifar-10-binary.tar.gz"))?;
+            extract(&archive, dir)?;
+            batches_dir(dir).ok_or_else(|| DataError::Corrupt {
+                path: archive.clone(),
+                reason: format!("archive holds no {DIR}/test_batch.bin"),
+            })?
+        }
+        (None, None) => {
+            return Err(DataError::Missing {
+                what: format!("CIFAR-10 ({DIR}/test_batch.bin)"),
+                looked: dir.display().to_string(),
+                hint: "; pass --download to fetch the official archive, or --data-dir".into(),
+            });
+        }
+    };
+    let mut train = empty();
+    for i in 1..=5 {
+        let p = batches.join(format!("data_batch_{i}.bin"));
+        if !p.is_file() {
+            return Err(DataError::Missing {
+                what: format!("data_batch_{i}.bin"),
+                looked: batches.display().to_string(),
+                hint: String::new(),
+            });
+        }
+        read_batch(&p, &mut train)?;
+    }
+    let mut test = empty();
+    read_batch(&batches.join("test_batch.bin"), &mut test)?;
+    Ok(Splits { train, test })
+}
+
+fn empty() -> ImageSet {
+    ImageSet {
+        shape: [3, 32, 32],
+        num_classes: 10,
+        pixels: Vec::new(),
+        labels: Vec::new(),
+    }
+}
+
+/// Appends the records of one batch file to `set`.
+fn read_batch(path: &Path, set: &mut ImageSet) -> Result<(), DataError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+        return Err(DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} bytes is not a whole number of {RECORD}-byte records (truncated or corrupt file)",
+                bytes.len()
+            ),
+        });
+    }
+    for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
+        if rec[0] >= 10 {
+            return Err(DataError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("record {i} has label {} (expected 0..10)", rec[0]),
+            });
+        }
+        set.labels.push(rec[0]);
+        set.pixels.extend_from_slice(&rec[1..]);
+    }
+    Ok(())
+}
+
+/// Extracts the archive into a scratch folder of `dir`, then moves
+/// `cifar-10-batches-bin` into place.
+fn extract(archive: &Path, dir: &Path) -> Result<(), DataError> {
+    let scratch = dir.join(".cifar-10-extract");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let file = std::fs::File::open(archive).map_err(io_err(archive))?;
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .unpack(&scratch)
+        .map_err(|e| DataError::Corrupt {
+            path: archive.to_path_buf(),
+            reason: format!("cannot extract: {e}"),
+        })?;
+    let from = scratch.join(DIR);
+    if !from.is_dir() {
+        return Err(DataError::Corrupt {
+            path: archive.to_path_buf(),
+            reason: format!("archive has no {DIR}/ folder"),
+        });
+    }
+    std::fs::rename(&from, dir.join(DIR)).map_err(io_err(dir))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn shared_subset() -> Option<PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-subset");
+        p.join("tiny").is_dir().then_some(p)
+    }
+
+    #[test]
+    fn known_answers_from_the_real_subset() {
+        let Some(root) = shared_subset() else {
+            eprintln!("skipping: ../shared/data/cifar10-subset is not present");
+            return;
+        };
+        let s = load_cifar10(&root.join("tiny"), None).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (50, 10));
+        let full = load_cifar10(&root, None).unwrap();
+        assert_eq!((full.train.len(), full.test.len()), (4000, 1000));
+        // README: record 0 of data_batch_1 is a frog (6), red row starts 59 43 50 68 98 119.
+        assert_eq!(full.train.labels[0], 6);
+        assert_eq!(&full.train.image(0)[..6], &[59, 43, 50, 68, 98, 119]);
+    }
+
+    fn records(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let mut r = vec![(i % 10) as u8];
+                r.extend((0..RECORD - 1).map(|j| (j as u8).wrapping_add(seed)));
+                r
+            })
+            .collect()
+    }
+
+    fn write_batches(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for i in 1..=5 {
+            std::fs::write(dir.join(format!("data_batch_{i}.bin")), records(2, i)).unwrap();
+        }
+        std::fs::write(dir.join("test_batch.bin"), records(3, 9)).unwrap();
+    }
+
+    #[test]
+    fn truncated_batch_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_batches(&dir.path().join(DIR));
+        let p = dir.path().join(DIR).join("data_batch_3.bin");
+        std::fs::write(&p, &records(2, 3)[..100]).unwrap();
+        let e = load_cifar10(dir.path(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("data_batch_3.bin") && e.contains("truncated"),
+            "{e}"
+        );
+        let e = load_cifar10(&dir.path().join("nowhere"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not found") && e.contains("--download"), "{e}");
+    }
+
+    fn archive() -> Vec<u8> {
+        let src = tempfile::tempdir().unwrap();
+        write_batches(&src.path().join(DIR));
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        tar.append_dir_all(DIR, src.path().join(DIR)).unwrap();
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    /// Serves `body` over HTTP on 127.0.0.1 to `requests` clients.
+    fn serve(body: Vec<u8>, requests: usize) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(requests) {
+                let mut s = stream.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                s.write_all(&body).unwrap();
+            }
+        });
+        format!("http://{addr}/cifar-10-binary.tar.gz")
+    }
+
+    #[test]
+    fn downloads_verifies_and_extracts() {
+        let body = archive();
+        let md5 = {
+            use md5::{Digest, Md5};
+            Md5::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let url = serve(body, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Remote {
+            url,
+            checksum: Checksum::Md5(md5),
+        };
+        let s = load_cifar10(dir.path(), Some(&remote)).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (10, 3));
+        assert!(!dir.path().join("cifar-10-binary.part").exists());
+        // Second load uses the extracted files: the server accepts no more requests.
+        assert_eq!(load_cifar10(dir.path(), Some(&remote)).unwrap(), s);
+    }
+
+    #[test]
+    fn checksum_mismatch_keeps_nothing() {
+        let url = serve(archive(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Remote {
+            url,
+            checksum: Checksum::Sha256("00".repeat(32)),
+        };
+        let e = load_cifar10(dir.path(), Some(&remote))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        assert!(!dir.path().join("cifar-10-binary.tar.gz").exists());
+        assert!(!dir.path().join("cifar-10-binary.part").exists());
+    }
+
+    #[test]
+    fn unreachable_server_is_a_download_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let remote = Remote {
+            url: format!("http://{addr}/x.tar.gz"),
+            checksum: Checksum::Md5("00".into()),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_cifar10(dir.path(), Some(&remote))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("download of http://127.0.0.1"), "{e}");
+    }
+}
