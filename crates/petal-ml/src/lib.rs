@@ -1,1 +1,165 @@
-//! placeholder
+//! Local training behind a small trait: a [`Learner`] exposes its weights as
+//! named `f32` tensors, trains on an [`ImageSet`] and evaluates on one
+//! (Flower's `NumPyClient`, minus the networking). [`LearnerClient`] turns
+//! any learner plus a data partition into a `petal_client::Client`.
+//!
+//! The first backend is burn ([`burn_cnn::BurnCnn`]); another backend is a
+//! new implementation of [`Learner`], nothing else changes. The FL core never
+//! depends on this crate.
+
+pub mod burn_cnn;
+mod client;
+
+pub use client::LearnerClient;
+
+use petal_core::{Config, CoreError, Tensor, config_f64};
+use petal_data::ImageSet;
+
+/// A tensor with a stable name (PyTorch-style, e.g. `conv1.weight`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+/// Hyper-parameters of local training; fit config keys of the same names override them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    /// Passes over the local training data (`epochs`).
+    pub epochs: usize,
+    /// SGD learning rate (`lr`).
+    pub lr: f64,
+    /// SGD momentum (`momentum`).
+    pub momentum: f64,
+    /// Mini-batch size (`batch_size`).
+    pub batch_size: usize,
+    /// Seed of the shuffling order (`seed`; the server round is added to it).
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            epochs: 1,
+            lr: 0.001,
+            momentum: 0.9,
+            batch_size: 32,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// These options with the keys present in `config` applied.
+    pub fn with_config(&self, config: &Config) -> Result<Self, MlError> {
+        let positive_int = |key: &str, default: usize| -> Result<usize, MlError> {
+            let v = config_f64(config, key, default as f64)?;
+            if v < 1.0 || v.fract() != 0.0 {
+                return Err(MlError::Config(format!(
+                    "{key} must be a positive integer, got {v}"
+                )));
+            }
+            Ok(v as usize)
+        };
+        let lr = config_f64(config, "lr", self.lr)?;
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(MlError::Config(format!("lr must be positive, got {lr}")));
+        }
+        let momentum = config_f64(config, "momentum", self.momentum)?;
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(MlError::Config(format!(
+                "momentum must be in [0, 1), got {momentum}"
+            )));
+        }
+        let round = config_f64(config, "server_round", 0.0)? as u64;
+        Ok(TrainOptions {
+            epochs: positive_int("epochs", self.epochs)?,
+            lr,
+            momentum,
+            batch_size: positive_int("batch_size", self.batch_size)?,
+            seed: (config_f64(config, "seed", self.seed as f64)? as u64).wrapping_add(round),
+        })
+    }
+}
+
+/// What local training reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitStats {
+    pub num_examples: usize,
+    /// Mean training loss over the last epoch.
+    pub train_loss: f64,
+}
+
+/// What local evaluation reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalStats {
+    pub num_examples: usize,
+    /// Mean cross-entropy loss.
+    pub loss: f64,
+    /// Fraction of correct predictions.
+    pub accuracy: f64,
+}
+
+/// A trainable model, as the FL client sees it.
+pub trait Learner: Send {
+    /// Current weights, in a fixed order with stable names.
+    fn get_weights(&self) -> Result<Vec<NamedTensor>, MlError>;
+    /// Replaces the weights; `weights` follow the order of [`Learner::get_weights`].
+    fn set_weights(&mut self, weights: &[Tensor]) -> Result<(), MlError>;
+    /// Trains on `data`.
+    fn fit(&mut self, data: &ImageSet, opts: &TrainOptions) -> Result<FitStats, MlError>;
+    /// Evaluates on `data`.
+    fn evaluate(&mut self, data: &ImageSet, batch_size: usize) -> Result<EvalStats, MlError>;
+}
+
+/// Errors of local training.
+#[derive(Debug, thiserror::Error)]
+pub enum MlError {
+    #[error("model does not fit the data: {0}")]
+    Shape(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("bad training config: {0}")]
+    Config(String),
+    #[error("empty data set: {0}")]
+    Empty(&'static str),
+    #[error("backend: {0}")]
+    Backend(String),
+    #[error("training diverged: {0}")]
+    Diverged(String),
+}
+
+impl From<CoreError> for MlError {
+    fn from(e: CoreError) -> Self {
+        MlError::Config(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use petal_core::Scalar;
+
+    #[test]
+    fn config_overrides_and_validates() {
+        let base = TrainOptions::default();
+        let cfg: Config = [
+            ("epochs".to_string(), Scalar::I64(3)),
+            ("lr".to_string(), Scalar::Double(0.1)),
+            ("server_round".to_string(), Scalar::I64(2)),
+        ]
+        .into();
+        let o = base.with_config(&cfg).unwrap();
+        assert_eq!((o.epochs, o.lr, o.batch_size, o.seed), (3, 0.1, 32, 2));
+        let bad: Config = [("batch_size".to_string(), Scalar::Double(0.5))].into();
+        let e = base.with_config(&bad).unwrap_err().to_string();
+        assert!(e.contains("batch_size must be a positive integer"), "{e}");
+        let bad: Config = [("lr".to_string(), Scalar::Str("fast".into()))].into();
+        assert!(
+            base.with_config(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("'lr'")
+        );
+    }
+}

@@ -101,7 +101,7 @@ struct Service {
 
 #[tonic::async_trait]
 impl FlowerService for Service {
-    type JoinStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type JoinStream = JoinStream;
 
     async fn join(
         &self,
@@ -118,10 +118,7 @@ impl FlowerService for Service {
         let proxy = Arc::new(GrpcClientProxy {
             cid: cid.clone(),
             manager: Arc::downgrade(&self.manager),
-            bridge: Mutex::new(Bridge {
-                tx: tx.clone(),
-                rx: inbound,
-            }),
+            bridge: Mutex::new(Bridge { tx, rx: inbound }),
         });
         if !self.manager.register(proxy) {
             return Err(Status::already_exists(format!(
@@ -129,16 +126,44 @@ impl FlowerService for Service {
             )));
         }
         tracing::info!(%cid, "client joined");
-        // Unregister as soon as the client goes away, even while idle.
+        // Unregister as soon as the client goes away, even while idle:
+        // tonic drops the response stream when the connection ends.
         let manager = Arc::downgrade(&self.manager);
-        tokio::spawn(async move {
-            tx.closed().await;
-            if let Some(m) = manager.upgrade() {
-                m.unregister(&cid);
+        Ok(Response::new(JoinStream {
+            inner: ReceiverStream::new(rx),
+            on_drop: Some(Box::new(move || {
+                if let Some(m) = manager.upgrade() {
+                    m.unregister(&cid);
+                }
                 tracing::info!(%cid, "client left");
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            })),
+        }))
+    }
+}
+
+/// The server-to-client half of a `Join` stream. It ends when the client's
+/// proxy is dropped, and unregisters the client when tonic drops it.
+pub struct JoinStream {
+    inner: ReceiverStream<Result<ServerMessage, Status>>,
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl tokio_stream::Stream for JoinStream {
+    type Item = Result<ServerMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for JoinStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
     }
 }
 

@@ -1,1 +1,141 @@
-fn main() {}
+//! `petal`: federated learning in Rust, speaking Flower's protocol.
+//! This binary is only argument handling and wiring; the work lives in the
+//! library crates (see ARCHITECTURE.md).
+
+mod args;
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+use crate::args::{FederationArgs, LearnerArgs, TrainArgs};
+
+/// Federated learning in Rust, compatible with Flower.
+#[derive(Parser, Debug)]
+#[command(name = "petal", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a federated-learning server (FedAvg) that Petal and Flower clients join.
+    Server(ServerArgs),
+    /// Join a server and train on a local data partition.
+    Client(ClientArgs),
+    /// Start a server and N client processes on this machine, and run to completion.
+    Run(RunArgs),
+    /// Answer one instruction from stdin (used by `--isolation subprocess`).
+    #[command(hide = true)]
+    Worker(LearnerArgs),
+}
+
+/// `petal server` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub address: std::net::SocketAddr,
+    #[command(flatten)]
+    pub federation: FederationArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// How a client runs its training steps.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every fit/evaluate runs in a short-lived worker process (frees all its memory).
+    Subprocess,
+    /// The model lives in the client process.
+    None,
+}
+
+/// `petal client` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Server address, host:port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub server: String,
+    /// Where fit and evaluate run.
+    #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
+    pub isolation: Isolation,
+    /// Connection attempts before giving up (backoff doubles from 0.5 s to 8 s).
+    #[arg(long, default_value_t = 10)]
+    pub connect_attempts: u32,
+    #[command(flatten)]
+    pub learner: LearnerArgs,
+}
+
+/// `petal run` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Client processes to start.
+    #[arg(long, default_value_t = 2)]
+    pub clients: usize,
+    /// Clients that must be connected before each round (default: --clients).
+    #[arg(long)]
+    pub min_clients: Option<usize>,
+    /// Clients sampled to train each round (default: --min-clients).
+    #[arg(long)]
+    pub fit_clients: Option<usize>,
+    /// Rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    /// Address the server listens on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub address: std::net::SocketAddr,
+    /// Where clients run fit and evaluate.
+    #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
+    pub isolation: Isolation,
+    /// Fraction of connected clients that evaluate each round (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction_evaluate: f64,
+    /// Seconds a client may take for one fit or evaluate.
+    #[arg(long)]
+    pub round_timeout: Option<f64>,
+    /// Write the run's history as JSON to this file.
+    #[arg(long)]
+    pub history: Option<std::path::PathBuf>,
+    /// Seed of client sampling.
+    #[arg(long, default_value_t = 0)]
+    pub sample_seed: u64,
+    #[command(flatten)]
+    pub learner: LearnerArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Worker(args) => commands::worker(&args),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(async move {
+                    match command {
+                        Command::Server(a) => commands::server(&a).await.map(|_| ()),
+                        Command::Client(a) => commands::client(&a).await,
+                        Command::Run(a) => commands::run(&a).await,
+                        Command::Worker(_) => unreachable!("handled above"),
+                    }
+                })
+            }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
