@@ -1,0 +1,214 @@
+//! Runs the real `petal` binary: federations over loopback gRPC and the
+//! errors users get for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn petal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("petal runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn history(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("history file written");
+    serde_json::from_str(&text).expect("history is JSON")
+}
+
+fn shared_cifar() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-subset");
+    p.join("cifar-10-batches-bin/test_batch.bin")
+        .is_file()
+        .then_some(p)
+}
+
+#[test]
+fn three_clients_over_loopback_learn() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("history.json");
+    let out = petal(&[
+        "run",
+        "--clients",
+        "3",
+        "--min-clients",
+        "3",
+        "--fit-clients",
+        "2",
+        "--rounds",
+        "3",
+        "--dataset",
+        "synthetic",
+        "--synthetic-shape",
+        "1x16x16",
+        "--lr",
+        "0.05",
+        "--history",
+        h.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = history(&h);
+    let rounds = h["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    for r in rounds {
+        assert_eq!(r["fit_results"], 2, "{r}");
+        assert_eq!(r["fit_failures"], 0, "{r}");
+        assert_eq!(r["eval_results"], 3, "{r}");
+    }
+    let loss = |i: usize| rounds[i]["loss"].as_f64().unwrap();
+    assert!(
+        loss(2) < loss(0),
+        "loss should fall: {} -> {}",
+        loss(0),
+        loss(2)
+    );
+    let acc = rounds[2]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.3, "accuracy after 3 rounds: {acc}");
+}
+
+#[test]
+fn in_process_isolation_also_runs() {
+    let out = petal(&[
+        "run",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--isolation",
+        "none",
+        "--dataset",
+        "synthetic",
+        "--synthetic-shape",
+        "3x16x16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn real_cifar10_subset_runs() {
+    let Some(root) = shared_cifar() else {
+        eprintln!("skipping: ../shared/data/cifar10-subset is not present");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("h.json");
+    let out = petal(&[
+        "run",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        root.to_str().unwrap(),
+        "--history",
+        h.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = history(&h);
+    // 1,000 test images split over two clients, all evaluated.
+    assert_eq!(h["rounds"][0]["eval_results"], 2);
+    assert!(h["rounds"][0]["loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn unknown_dataset_is_refused() {
+    let out = petal(&["run", "--dataset", "imagenet"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown dataset 'imagenet'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_data_fails_the_run_with_the_reason() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = petal(&[
+        "run",
+        "--clients",
+        "1",
+        "--rounds",
+        "1",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("CIFAR-10") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn more_fit_clients_than_clients_is_refused() {
+    let out = petal(&["run", "--clients", "2", "--fit-clients", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--fit-clients 3 is more than --clients 2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn port_in_use_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = petal(&["server", "--address", &addr, "--rounds", "1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+#[test]
+fn unreachable_server_gives_up_with_a_message() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server = format!("127.0.0.1:{port}");
+    let out = petal(&[
+        "client",
+        "--server",
+        &server,
+        "--connect-attempts",
+        "2",
+        "--dataset",
+        "synthetic",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot reach server {server} after 2 attempts")),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let out = petal(&["client", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown device 'tpu'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = petal(&["run", "--synthetic-shape", "3x32"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("needs three dimensions"),
+        "{}",
+        stderr(&out)
+    );
+}

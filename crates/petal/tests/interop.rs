@@ -1,0 +1,269 @@
+//! Interoperability with real Flower (`flwr==1.41.0`, legacy gRPC API).
+//!
+//! The first test to need it creates a venv under `target/flwr-venv` (or
+//! uses `$PETAL_FLWR_PYTHON`), installing flwr from the package index.
+//! Set `PETAL_SKIP_INTEROP=1` to skip these tests on machines without one.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FLWR: &str = "flwr==1.41.0";
+
+fn skip() -> bool {
+    if std::env::var_os("PETAL_SKIP_INTEROP").is_some() {
+        eprintln!("skipping: PETAL_SKIP_INTEROP is set");
+        return true;
+    }
+    false
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+/// A Python with flwr installed; created once, under a file lock.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PETAL_FLWR_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    std::fs::create_dir_all(&target).unwrap();
+    let venv = target.join("flwr-venv");
+    let lock = std::fs::File::create(target.join("flwr-venv.lock")).unwrap();
+    lock.lock().unwrap();
+    let py = venv.join("bin/python");
+    let ready = venv.join(".installed");
+    if !ready.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is installed");
+        assert!(ok.success(), "python3 -m venv failed");
+        let ok = Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", FLWR])
+            .status()
+            .unwrap();
+        assert!(
+            ok.success(),
+            "pip install {FLWR} failed (set PETAL_SKIP_INTEROP=1 offline)"
+        );
+        std::fs::write(&ready, FLWR).unwrap();
+    }
+    py
+}
+
+/// A command with proxies removed: grpcio would send loopback traffic to them.
+fn no_proxy(mut c: Command) -> Command {
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "grpc_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("no_proxy", "127.0.0.1,localhost");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `child` with a deadline, killing it if it overruns.
+fn wait(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn npy_bytes_match_numpy() {
+    if skip() {
+        return;
+    }
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new(&py)
+        .arg(script("npy_fixtures.py"))
+        .args(["write", dir.path().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let load =
+        |n: &str| petal_proto::npy::decode(&std::fs::read(dir.path().join(n)).unwrap()).unwrap();
+    let a = load("f32.npy");
+    assert_eq!(
+        (a.shape, a.data),
+        (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])
+    );
+    let a = load("f64_fortran.npy");
+    assert_eq!(
+        (a.shape, a.data),
+        (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])
+    );
+    assert_eq!(load("i64.npy").data, vec![-3., 0., 7.]);
+    assert_eq!(load("f16.npy").data, vec![0.5, -2.0]);
+    let s = load("scalar.npy");
+    assert_eq!((s.shape, s.data), (vec![], vec![4.25]));
+    assert_eq!(load("big_endian.npy").data, vec![1.5, 2.5]);
+
+    let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    let ours = dir.path().join("ours.npy");
+    std::fs::write(&ours, petal_proto::npy::encode_f32(&[2, 2, 3], &data)).unwrap();
+    let out = Command::new(&py)
+        .arg(script("npy_fixtures.py"))
+        .args(["check", ours.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn flower_numpy_clients_join_a_petal_server() {
+    if skip() {
+        return;
+    }
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("history.json");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args(["server", "--address", "127.0.0.1:0", "--rounds", "2"])
+        .args([
+            "--min-available-clients",
+            "2",
+            "--fit-clients",
+            "2",
+            "--wait-timeout",
+            "120",
+        ])
+        .args(["--history", h.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The server logs the address it bound.
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split("listening on ")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        })
+        .expect("server reports its address");
+    let logger =
+        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("client{i}.json")))
+        .collect();
+    let mut clients: Vec<Child> = logs
+        .iter()
+        .enumerate()
+        .map(|(i, log)| {
+            let mut c = no_proxy(Command::new(&py));
+            c.arg(script("numpy_client.py"))
+                .args([&addr, &i.to_string(), log.to_str().unwrap()])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let status = wait(&mut server, "petal server", Duration::from_secs(180));
+    let server_log = logger.join().unwrap();
+    assert!(status.success(), "server failed:\n{server_log}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let s = wait(c, "flower client", Duration::from_secs(30));
+        assert!(s.success(), "flower client {i} failed");
+    }
+
+    let out = Command::new(&py)
+        .arg(script("check_fedavg.py"))
+        .args(&logs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let h: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&h).unwrap()).unwrap();
+    let r = &h["rounds"][1];
+    assert_eq!(
+        (r["fit_results"].as_u64(), r["eval_results"].as_u64()),
+        (Some(2), Some(2))
+    );
+    // Accuracy is weighted by examples: clients report 0.25 on 5 and 0.5 on 6.
+    let acc = r["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - (0.25 * 5.0 + 0.5 * 6.0) / 11.0).abs() < 1e-9,
+        "{acc}"
+    );
+}
+
+#[test]
+fn petal_clients_join_a_flower_server() {
+    if skip() {
+        return;
+    }
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("flower_history.json");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut server = no_proxy(Command::new(&py));
+    let mut server = server
+        .arg(script("flower_server.py"))
+        .args([&addr, "2", h.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let mut clients: Vec<Child> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_petal"))
+                .args(["client", "--server", &addr, "--connect-attempts", "20"])
+                .args(["--dataset", "synthetic", "--synthetic-shape", "1x16x16"])
+                .args(["--partition-id", &i.to_string(), "--num-partitions", "2"])
+                .args(["--isolation", if i == 0 { "none" } else { "subprocess" }])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let status = wait(&mut server, "flower server", Duration::from_secs(180));
+    assert!(status.success(), "flower server failed");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let s = wait(c, "petal client", Duration::from_secs(30));
+        assert!(s.success(), "petal client {i} failed");
+    }
+    let h: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&h).unwrap()).unwrap();
+    let losses = h["losses_distributed"].as_array().unwrap();
+    assert_eq!(losses.len(), 2, "{h}");
+    let acc = h["metrics_distributed"]["accuracy"].as_array().unwrap();
+    assert_eq!(acc.len(), 2, "{h}");
+    assert!(losses.iter().all(|l| l[1].as_f64().unwrap().is_finite()));
+}
