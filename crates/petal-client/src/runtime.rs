@@ -125,9 +125,13 @@ pub async fn run_client<C: Client + 'static>(
                 .await
                 .map_err(|_| ClientError::Stream("server closed the stream".into()))?;
         };
-        // Let the acknowledgement reach the server before closing.
+        // Let the acknowledgement reach the server before closing: wait
+        // (briefly) for the server to end the stream.
         drop(tx);
-        while let Ok(Some(_)) = inbound.message().await {}
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
         if reconnect <= 0 {
             tracing::info!("disconnected: the server ended the run");
             return Ok(());

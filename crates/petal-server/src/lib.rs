@@ -118,7 +118,10 @@ impl FlowerService for Service {
         let proxy = Arc::new(GrpcClientProxy {
             cid: cid.clone(),
             manager: Arc::downgrade(&self.manager),
-            bridge: Mutex::new(Bridge { tx, rx: inbound }),
+            bridge: Mutex::new(Bridge {
+                tx: Some(tx),
+                rx: inbound,
+            }),
         });
         if !self.manager.register(proxy) {
             return Err(Status::already_exists(format!(
@@ -168,7 +171,8 @@ impl Drop for JoinStream {
 }
 
 struct Bridge {
-    tx: mpsc::Sender<Result<ServerMessage, Status>>,
+    /// `None` once the client was told to disconnect: the stream is closed.
+    tx: Option<mpsc::Sender<Result<ServerMessage, Status>>>,
     rx: Streaming<ClientMessage>,
 }
 
@@ -193,9 +197,8 @@ impl GrpcClientProxy {
     async fn call(&self, msg: sm::Msg, timeout: Option<Duration>) -> Result<cm::Msg, CoreError> {
         let mut bridge = self.bridge.lock().await;
         let exchange = async {
-            bridge
-                .tx
-                .send(Ok(ServerMessage { msg: Some(msg) }))
+            let tx = bridge.tx.as_ref().ok_or("client was disconnected")?;
+            tx.send(Ok(ServerMessage { msg: Some(msg) }))
                 .await
                 .map_err(|_| "connection closed".to_string())?;
             match bridge.rx.message().await {
@@ -304,6 +307,8 @@ impl ClientProxy for GrpcClientProxy {
                     timeout,
                 )
                 .await;
+            // Close our half of the stream so the client sees the end.
+            self.bridge.lock().await.tx = None;
             self.drop_client();
             match reply? {
                 cm::Msg::DisconnectRes(_) => Ok(()),
