@@ -139,10 +139,11 @@ pub async fn run_federation(
             round_seconds: round_start.elapsed().as_secs_f64(),
             elapsed_seconds: start.elapsed().as_secs_f64(),
         };
+        let show = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
         tracing::info!(
-            "round {round}: loss {:?} accuracy {:?} in {:.1}s",
-            record.loss,
-            record.accuracy,
+            "round {round}: loss {} accuracy {} in {:.1}s",
+            show(record.loss),
+            show(record.accuracy),
             record.round_seconds
         );
         history.rounds.push(record);
