@@ -10,6 +10,9 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use petal_core::{Config, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters};
 use petal_proto::flwr::{client_message as cm, server_message as sm};
@@ -22,13 +25,24 @@ use crate::{Client, ClientError};
 pub struct SubprocessClient {
     program: PathBuf,
     args: Vec<String>,
+    timeout: Option<Duration>,
 }
 
 impl SubprocessClient {
     /// Runs `program args...` for every call; the program must answer with
     /// [`serve_worker`].
     pub fn new(program: PathBuf, args: Vec<String>) -> Self {
-        SubprocessClient { program, args }
+        SubprocessClient {
+            program,
+            args,
+            timeout: None,
+        }
+    }
+
+    /// Kills a worker that runs longer than `timeout` (the call then fails).
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     fn call(&self, msg: sm::Msg) -> Result<cm::Msg, ClientError> {
@@ -43,16 +57,34 @@ impl SubprocessClient {
                 ClientError::Worker(format!("cannot start {}: {e}", self.program.display()))
             })?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
         let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let child = Arc::new(Mutex::new(child));
+        let (done, finished) = mpsc::channel::<()>();
+        let watchdog = self.timeout.map(|limit| {
+            let child = child.clone();
+            std::thread::spawn(move || {
+                let expired = finished.recv_timeout(limit) == Err(RecvTimeoutError::Timeout);
+                if expired {
+                    let _ = child.lock().unwrap_or_else(|e| e.into_inner()).kill();
+                }
+                expired
+            })
+        });
         let mut output = Vec::new();
-        let read = child
-            .stdout
-            .take()
-            .expect("stdout is piped")
-            .read_to_end(&mut output);
+        let read = { stdout }.read_to_end(&mut output);
+        drop(done);
         let status = child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .wait()
             .map_err(|e| ClientError::Worker(format!("waiting for worker: {e}")))?;
+        if watchdog.is_some_and(|w| w.join().unwrap_or(false)) {
+            let limit = self.timeout.unwrap_or_default().as_secs_f64();
+            return Err(ClientError::Worker(format!(
+                "worker ran longer than {limit:.1}s and was killed"
+            )));
+        }
         let wrote = writer.join();
         if !status.success() {
             return Err(ClientError::Worker(describe_exit(status)));

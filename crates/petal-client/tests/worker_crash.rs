@@ -66,3 +66,12 @@ async fn worker_exit_code_and_garbage_output_are_failures() {
         .to_string();
     assert!(err.contains("malformed worker output"), "{err}");
 }
+
+#[test]
+fn hung_worker_is_killed_after_its_timeout() {
+    use petal_client::Client;
+    let mut hung = SubprocessClient::new("sh".into(), vec!["-c".into(), "exec sleep 60".into()])
+        .with_timeout(Some(Duration::from_millis(300)));
+    let err = hung.fit(fit_ins()).unwrap_err().to_string();
+    assert!(err.contains("ran longer than 0.3s and was killed"), "{err}");
+}

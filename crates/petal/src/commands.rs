@@ -114,7 +114,9 @@ pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
             let exe = std::env::current_exe().context("locating the petal executable")?;
             let mut worker_args = vec!["worker".to_string()];
             worker_args.extend(args.learner.to_args());
-            run_client(&opts, SubprocessClient::new(exe, worker_args)).await?;
+            let worker =
+                SubprocessClient::new(exe, worker_args).with_timeout(secs(args.worker_timeout)?);
+            run_client(&opts, worker).await?;
         }
         Isolation::None => {
             let learner = tokio::task::block_in_place(|| load_learner_client(&args.learner))?;
@@ -192,6 +194,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             ])
             .args(learner.to_args())
             .kill_on_drop(true);
+        if let Some(t) = args.worker_timeout {
+            cmd.args(["--worker-timeout", &t.to_string()]);
+        }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", &threads);
         }

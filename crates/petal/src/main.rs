@@ -63,6 +63,9 @@ pub struct ClientArgs {
     /// Connection attempts before giving up (backoff doubles from 0.5 s to 8 s).
     #[arg(long, default_value_t = 10)]
     pub connect_attempts: u32,
+    /// Seconds after which a worker process is killed and its call reported failed.
+    #[arg(long)]
+    pub worker_timeout: Option<f64>,
     #[command(flatten)]
     pub learner: LearnerArgs,
 }
@@ -97,6 +100,9 @@ pub struct RunArgs {
     /// Write the run's history as JSON to this file.
     #[arg(long)]
     pub history: Option<std::path::PathBuf>,
+    /// Seconds after which a client's worker process is killed (its call fails).
+    #[arg(long)]
+    pub worker_timeout: Option<f64>,
     /// Seed of client sampling.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
