@@ -4,10 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Runs petal with a dead proxy in the environment: loopback gRPC must ignore it.
 fn petal(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_petal"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .env("http_proxy", "http://127.0.0.1:9")
+        .env("https_proxy", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("all_proxy", "http://127.0.0.1:9")
         .output()
         .expect("petal runs")
 }
