@@ -122,21 +122,27 @@ fn real_cifar10_subset_runs() {
     assert!(h["rounds"][0]["loss"].as_f64().unwrap().is_finite());
 }
 
+/// Runs petal, expecting a non-zero exit and `needle` in its error output.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = petal(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "petal {args:?} should fail");
+    assert!(err.contains(needle), "expected '{needle}' in:\n{err}");
+}
+
 #[test]
 fn unknown_dataset_is_refused() {
-    let out = petal(&["run", "--dataset", "imagenet"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("unknown dataset 'imagenet'"),
-        "{}",
-        stderr(&out)
+    fails_with(
+        &["run", "--dataset", "imagenet"],
+        "unknown dataset 'imagenet'",
     );
 }
 
 #[test]
 fn missing_data_fails_the_run_with_the_reason() {
     let empty = tempfile::tempdir().unwrap();
-    let out = petal(&[
+    let dir = empty.path().to_str().unwrap();
+    let args = [
         "run",
         "--clients",
         "1",
@@ -145,24 +151,19 @@ fn missing_data_fails_the_run_with_the_reason() {
         "--dataset",
         "cifar10",
         "--data-dir",
-        empty.path().to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains("CIFAR-10") && err.contains("not found"),
-        "{err}"
+        dir,
+    ];
+    fails_with(
+        &args,
+        "CIFAR-10 (cifar-10-batches-bin/test_batch.bin) not found",
     );
 }
 
 #[test]
 fn more_fit_clients_than_clients_is_refused() {
-    let out = petal(&["run", "--clients", "2", "--fit-clients", "3"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("--fit-clients 3 is more than --clients 2"),
-        "{}",
-        stderr(&out)
+    fails_with(
+        &["run", "--clients", "2", "--fit-clients", "3"],
+        "--fit-clients 3 is more than --clients 2",
     );
 }
 
@@ -170,10 +171,10 @@ fn more_fit_clients_than_clients_is_refused() {
 fn port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = petal(&["server", "--address", &addr, "--rounds", "1"]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    fails_with(
+        &["server", "--address", &addr, "--rounds", "1"],
+        &format!("cannot listen on {addr}"),
+    );
 }
 
 #[test]
@@ -183,37 +184,29 @@ fn unreachable_server_gives_up_with_a_message() {
         l.local_addr().unwrap().port()
     };
     let server = format!("127.0.0.1:{port}");
-    let out = petal(&[
-        "client",
-        "--server",
-        &server,
-        "--connect-attempts",
-        "2",
-        "--dataset",
-        "synthetic",
-    ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains(&format!("cannot reach server {server} after 2 attempts")),
-        "{err}"
+    fails_with(
+        &[
+            "client",
+            "--server",
+            &server,
+            "--connect-attempts",
+            "2",
+            "--dataset",
+            "synthetic",
+        ],
+        &format!("cannot reach server {server} after 2 attempts"),
     );
 }
 
 #[test]
 fn bad_flags_are_refused() {
-    let out = petal(&["client", "--device", "tpu"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("unknown device 'tpu'"),
-        "{}",
-        stderr(&out)
+    fails_with(&["client", "--device", "tpu"], "unknown device 'tpu'");
+    fails_with(
+        &["run", "--synthetic-shape", "3x32"],
+        "needs three dimensions",
     );
-    let out = petal(&["run", "--synthetic-shape", "3x32"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("needs three dimensions"),
-        "{}",
-        stderr(&out)
+    fails_with(
+        &["run", "--clients", "2", "--lr", "fast"],
+        "invalid value 'fast'",
     );
 }
