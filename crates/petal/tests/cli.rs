@@ -210,3 +210,29 @@ fn bad_flags_are_refused() {
         "invalid value 'fast'",
     );
 }
+
+#[test]
+fn fashion_mnist_two_clients_learn_in_one_round() {
+    let debian = Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz");
+    if !debian.is_file() {
+        eprintln!("skipping: dataset-fashion-mnist is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("h.json");
+    let out = petal(&[
+        "run",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--isolation",
+        "none",
+        "--history",
+        h.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let acc = history(&h)["rounds"][0]["accuracy"].as_f64().unwrap();
+    // One epoch on each half of the 60,000 training images.
+    assert!(acc > 0.6, "accuracy after one round: {acc}");
+}
