@@ -149,7 +149,7 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
     Some(match msg {
         sm::Msg::ReconnectIns(_) => return None,
         sm::Msg::GetPropertiesIns(_) => cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
-            status: wire::failed_status(Code::Ok, "Success"),
+            status: wire::ok_status(),
             properties: Default::default(),
         }),
         sm::Msg::GetParametersIns(ins) => {
@@ -159,10 +159,7 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
                 Err(e) => {
                     tracing::error!("get_parameters failed: {e}");
                     cm::Msg::GetParametersRes(cm::GetParametersRes {
-                        status: wire::failed_status(
-                            Code::GetParametersNotImplemented,
-                            e.to_string(),
-                        ),
+                        status: wire::status(Code::GetParametersNotImplemented, e.to_string()),
                         parameters: None,
                     })
                 }
@@ -177,7 +174,7 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
                 Err(e) => {
                     tracing::error!("fit failed: {e}");
                     cm::Msg::FitRes(cm::FitRes {
-                        status: wire::failed_status(Code::FitNotImplemented, e.to_string()),
+                        status: wire::status(Code::FitNotImplemented, e.to_string()),
                         ..Default::default()
                     })
                 }
@@ -192,7 +189,7 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
                 Err(e) => {
                     tracing::error!("evaluate failed: {e}");
                     cm::Msg::EvaluateRes(cm::EvaluateRes {
-                        status: wire::failed_status(Code::EvaluateNotImplemented, e.to_string()),
+                        status: wire::status(Code::EvaluateNotImplemented, e.to_string()),
                         ..Default::default()
                     })
                 }

@@ -120,8 +120,6 @@ pub enum CoreError {
     Client { cid: String, reason: String },
     #[error("no client could provide initial parameters: {0}")]
     NoInitialParameters(String),
-    #[error("round {round}: no fit results to aggregate ({failures} failures)")]
-    NothingToAggregate { round: u64, failures: usize },
     #[error("{0}")]
     Invalid(String),
 }

@@ -121,15 +121,13 @@ pub fn evaluate_ins_from_proto(ins: &sm::EvaluateIns) -> Result<EvaluateIns, Pro
     })
 }
 
-fn ok_status() -> Option<flwr::Status> {
-    Some(flwr::Status {
-        code: flwr::Code::Ok as i32,
-        message: "Success".into(),
-    })
+/// The OK status Flower sends with every successful result.
+pub fn ok_status() -> Option<flwr::Status> {
+    status(flwr::Code::Ok, "Success")
 }
 
-/// A non-OK status; Flower's server counts such a result as a failure.
-pub fn failed_status(code: flwr::Code, message: impl Into<String>) -> Option<flwr::Status> {
+/// A status; any code but OK makes Flower's server count the result as a failure.
+pub fn status(code: flwr::Code, message: impl Into<String>) -> Option<flwr::Status> {
     Some(flwr::Status {
         code: code as i32,
         message: message.into(),
@@ -229,7 +227,7 @@ mod tests {
     #[test]
     fn non_ok_status_is_an_error() {
         let res = cm::FitRes {
-            status: failed_status(flwr::Code::FitNotImplemented, "worker crashed"),
+            status: status(flwr::Code::FitNotImplemented, "worker crashed"),
             parameters: None,
             num_examples: 0,
             metrics: Default::default(),
