@@ -5,6 +5,7 @@
 //! Images stay as `u8` pixels (channel-major, C×H×W per image) until a
 //! learner turns a batch into tensors; this crate knows no ML framework.
 
+mod cache;
 mod cifar;
 pub mod download;
 mod idx;

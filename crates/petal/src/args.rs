@@ -145,6 +145,10 @@ pub struct LearnerArgs {
     /// Seed of model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// File holding this partition, decoded (written by the first worker,
+    /// read by the next ones); set by `petal client` for its workers.
+    #[arg(long, hide = true)]
+    pub partition_cache: Option<PathBuf>,
 }
 
 impl LearnerArgs {
@@ -166,6 +170,10 @@ impl LearnerArgs {
             "--seed".into(),
             self.seed.to_string(),
         ]);
+        if let Some(p) = &self.partition_cache {
+            v.push("--partition-cache".into());
+            v.push(p.display().to_string());
+        }
         v
     }
 }

@@ -9,6 +9,7 @@ use petal_client::{ClientError, ConnectOptions, run_client};
 use petal_core::{
     ClientManager, Config, FedAvg, FedAvgConfig, History, RunConfig, Scalar, run_federation,
 };
+use petal_data::Splits;
 use petal_ml::LearnerClient;
 use petal_ml::burn_cnn::BurnCnn;
 use petal_server::GrpcServer;
@@ -82,14 +83,32 @@ async fn federate(
     Ok(history)
 }
 
-fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<BurnCnn>> {
-    let spec = args.data.spec()?;
-    let data = spec.load_partition(
+/// This client's partition: from the partition cache when one is set and
+/// readable, else decoded from the data set (and saved to the cache).
+fn load_partition(args: &LearnerArgs) -> anyhow::Result<Splits> {
+    let cache = args.partition_cache.as_deref();
+    if let Some(path) = cache.filter(|p| p.is_file()) {
+        match Splits::load(path) {
+            Ok(data) => return Ok(data),
+            Err(e) => tracing::warn!("ignoring the partition cache: {e}"),
+        }
+    }
+    let data = args.data.spec()?.load_partition(
         args.data.data_dir.as_deref(),
         args.partition_id,
         args.num_partitions,
         args.data.data_seed,
     )?;
+    if let Some(path) = cache
+        && let Err(e) = data.save(path)
+    {
+        tracing::warn!("cannot write the partition cache: {e}");
+    }
+    Ok(data)
+}
+
+fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<BurnCnn>> {
+    let data = load_partition(args)?;
     let learner = BurnCnn::new(
         data.train.shape,
         data.train.num_classes,
@@ -112,8 +131,16 @@ pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
     match args.isolation {
         Isolation::Subprocess => {
             let exe = std::env::current_exe().context("locating the petal executable")?;
+            // Workers share one decoded copy of this client's partition,
+            // removed when the client exits.
+            let cache = tempfile::Builder::new()
+                .prefix("petal-client-")
+                .tempdir()
+                .context("creating the partition cache folder")?;
+            let mut learner = args.learner.clone();
+            learner.partition_cache = Some(cache.path().join("partition.bin"));
             let mut worker_args = vec!["worker".to_string()];
-            worker_args.extend(args.learner.to_args());
+            worker_args.extend(learner.to_args());
             let worker =
                 SubprocessClient::new(exe, worker_args).with_timeout(secs(args.worker_timeout)?);
             run_client(&opts, worker).await?;
