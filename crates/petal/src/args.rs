@@ -178,31 +178,38 @@ impl LearnerArgs {
     }
 }
 
-/// Server-side federation settings.
+/// Round settings shared by `petal server` and `petal run`.
 #[derive(Args, Debug, Clone)]
-pub struct FederationArgs {
+pub struct RoundArgs {
     /// Number of rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: u64,
-    /// Clients that must be connected before each round.
-    #[arg(long, default_value_t = 2)]
-    pub min_available_clients: usize,
-    /// Clients sampled to train each round.
-    #[arg(long, default_value_t = 2)]
-    pub fit_clients: usize,
     /// Fraction of connected clients that evaluate each round (0 disables).
     #[arg(long, default_value_t = 1.0)]
     pub fraction_evaluate: f64,
     /// Seconds a client may take for one fit or evaluate before it counts as failed.
     #[arg(long)]
     pub round_timeout: Option<f64>,
-    /// Seconds to wait for enough clients before giving up (default: forever).
-    #[arg(long)]
-    pub wait_timeout: Option<f64>,
     /// Seed of client sampling.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
     /// Write the run's history as JSON to this file.
     #[arg(long)]
     pub history: Option<PathBuf>,
+}
+
+/// Server-side federation settings.
+#[derive(Args, Debug, Clone)]
+pub struct FederationArgs {
+    #[command(flatten)]
+    pub round: RoundArgs,
+    /// Clients that must be connected before each round.
+    #[arg(long, default_value_t = 2)]
+    pub min_available_clients: usize,
+    /// Clients sampled to train each round.
+    #[arg(long, default_value_t = 2)]
+    pub fit_clients: usize,
+    /// Seconds to wait for enough clients before giving up (default: forever).
+    #[arg(long)]
+    pub wait_timeout: Option<f64>,
 }

@@ -37,7 +37,7 @@ fn fit_config(train: &TrainArgs) -> Config {
 
 /// `petal server`: serve until the federation completes; returns its history.
 pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
-    let manager = Arc::new(ClientManager::new(args.federation.sample_seed));
+    let manager = Arc::new(ClientManager::new(args.federation.round.sample_seed));
     let grpc = GrpcServer::start(args.address, manager.clone()).await?;
     let history = federate(&manager, &args.federation, &args.train).await;
     grpc.shutdown(Duration::from_secs(3)).await?;
@@ -53,25 +53,25 @@ async fn federate(
     let mut strategy = FedAvg::new(FedAvgConfig {
         fit_clients: fed.fit_clients,
         min_available_clients: fed.min_available_clients,
-        fraction_evaluate: fed.fraction_evaluate,
+        fraction_evaluate: fed.round.fraction_evaluate,
         evaluate_config: [("batch_size".to_string(), fc["batch_size"].clone())].into(),
         fit_config: fc,
         initial_parameters: None,
     })?;
     let config = RunConfig {
-        num_rounds: fed.rounds,
-        round_timeout: secs(fed.round_timeout)?,
+        num_rounds: fed.round.rounds,
+        round_timeout: secs(fed.round.round_timeout)?,
         wait_timeout: secs(fed.wait_timeout)?,
     };
     tracing::info!(
         "FedAvg for {} rounds: {} clients trained per round, {} must be connected",
-        fed.rounds,
+        fed.round.rounds,
         fed.fit_clients,
         fed.min_available_clients
     );
     let history = run_federation(manager, &mut strategy, &config).await?;
     eprint!("{}", history.summary());
-    if let Some(path) = &fed.history {
+    if let Some(path) = &fed.round.history {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -188,16 +188,12 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     args.learner.data.spec()?;
 
     let fed = FederationArgs {
-        rounds: args.rounds,
+        round: args.round.clone(),
         min_available_clients: min,
         fit_clients: fit,
-        fraction_evaluate: args.fraction_evaluate,
-        round_timeout: args.round_timeout,
         wait_timeout: Some(600.0),
-        sample_seed: args.sample_seed,
-        history: args.history.clone(),
     };
-    let manager = Arc::new(ClientManager::new(fed.sample_seed));
+    let manager = Arc::new(ClientManager::new(fed.round.sample_seed));
     let grpc = GrpcServer::start(args.address, manager.clone()).await?;
     let addr = grpc.local_addr();
 

@@ -7,7 +7,7 @@ mod commands;
 
 use clap::{Parser, Subcommand};
 
-use crate::args::{FederationArgs, LearnerArgs, TrainArgs};
+use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs};
 
 /// Federated learning in Rust, compatible with Flower.
 #[derive(Parser, Debug)]
@@ -82,30 +82,17 @@ pub struct RunArgs {
     /// Clients sampled to train each round (default: --min-clients).
     #[arg(long)]
     pub fit_clients: Option<usize>,
-    /// Rounds.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: u64,
     /// Address the server listens on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub address: std::net::SocketAddr,
     /// Where clients run fit and evaluate.
     #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
     pub isolation: Isolation,
-    /// Fraction of connected clients that evaluate each round (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    pub fraction_evaluate: f64,
-    /// Seconds a client may take for one fit or evaluate.
-    #[arg(long)]
-    pub round_timeout: Option<f64>,
-    /// Write the run's history as JSON to this file.
-    #[arg(long)]
-    pub history: Option<std::path::PathBuf>,
     /// Seconds after which a client's worker process is killed (its call fails).
     #[arg(long)]
     pub worker_timeout: Option<f64>,
-    /// Seed of client sampling.
-    #[arg(long, default_value_t = 0)]
-    pub sample_seed: u64,
+    #[command(flatten)]
+    pub round: RoundArgs,
     #[command(flatten)]
     pub learner: LearnerArgs,
 }

@@ -26,6 +26,17 @@ fn history(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("history is JSON")
 }
 
+/// Runs petal with `--history` into a temporary file; asserts success and returns the history.
+fn run_ok(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("history.json");
+    let mut all = args.to_vec();
+    all.extend(["--history", h.to_str().unwrap()]);
+    let out = petal(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    history(&h)
+}
+
 fn shared_cifar() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-subset");
     p.join("cifar-10-batches-bin/test_batch.bin")
@@ -35,9 +46,7 @@ fn shared_cifar() -> Option<PathBuf> {
 
 #[test]
 fn three_clients_over_loopback_learn() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = dir.path().join("history.json");
-    let out = petal(&[
+    let h = run_ok(&[
         "run",
         "--clients",
         "3",
@@ -53,11 +62,7 @@ fn three_clients_over_loopback_learn() {
         "1x16x16",
         "--lr",
         "0.05",
-        "--history",
-        h.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let h = history(&h);
     let rounds = h["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
     for r in rounds {
@@ -78,7 +83,7 @@ fn three_clients_over_loopback_learn() {
 
 #[test]
 fn in_process_isolation_also_runs() {
-    let out = petal(&[
+    let h = run_ok(&[
         "run",
         "--clients",
         "2",
@@ -91,7 +96,8 @@ fn in_process_isolation_also_runs() {
         "--synthetic-shape",
         "3x16x16",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(h["rounds"][0]["fit_results"], 2);
+    assert_eq!(h["rounds"][0]["eval_results"], 2);
 }
 
 #[test]
@@ -100,9 +106,8 @@ fn real_cifar10_subset_runs() {
         eprintln!("skipping: ../shared/data/cifar10-subset is not present");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let h = dir.path().join("h.json");
-    let out = petal(&[
+    let root = root.to_str().unwrap();
+    let h = run_ok(&[
         "run",
         "--clients",
         "2",
@@ -111,12 +116,8 @@ fn real_cifar10_subset_runs() {
         "--dataset",
         "cifar10",
         "--data-dir",
-        root.to_str().unwrap(),
-        "--history",
-        h.to_str().unwrap(),
+        root,
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let h = history(&h);
     // 1,000 test images split over two clients, all evaluated.
     assert_eq!(h["rounds"][0]["eval_results"], 2);
     assert!(h["rounds"][0]["loss"].as_f64().unwrap().is_finite());
@@ -218,9 +219,7 @@ fn fashion_mnist_two_clients_learn_in_one_round() {
         eprintln!("skipping: dataset-fashion-mnist is not installed");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let h = dir.path().join("h.json");
-    let out = petal(&[
+    let h = run_ok(&[
         "run",
         "--clients",
         "2",
@@ -228,11 +227,8 @@ fn fashion_mnist_two_clients_learn_in_one_round() {
         "1",
         "--isolation",
         "none",
-        "--history",
-        h.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let acc = history(&h)["rounds"][0]["accuracy"].as_f64().unwrap();
+    let acc = h["rounds"][0]["accuracy"].as_f64().unwrap();
     // One epoch on each half of the 60,000 training images.
     assert!(acc > 0.6, "accuracy after one round: {acc}");
 }
