@@ -236,8 +236,7 @@ fn petal_clients_join_a_flower_server() {
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path().join("flower_history.json");
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut server = no_proxy(Command::new(&py));
-    let mut server = server
+    let mut server = no_proxy(Command::new(&py))
         .arg(script("flower_server.py"))
         .args([&addr, "2", h.to_str().unwrap()])
         .spawn()
