@@ -3,6 +3,9 @@
 #   ./run.sh [NBCLIENTS] [NBMINCLIENTS] [NBFITCLIENTS] [NBROUNDS] [extra `petal run` flags...]
 # Defaults: 2 clients, 2 must be connected, 2 train per round, 3 rounds,
 # on Fashion-MNIST (Debian package dataset-fashion-mnist, installed when missing).
+# Results (history.json, history.csv, checkpoint.safetensors) go to
+# runs/<UTC date and time>/ (runs/latest points to the newest); pass
+# --out DIR to choose, or --resume DIR to continue a run.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,10 +32,11 @@ if [ "$dataset_needed" = 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-i
 fi
 
 cargo build --release --quiet -p petal
-exec target/release/petal run \
+# The binary cargo just built, wherever CARGO_TARGET_DIR or a cargo config puts it.
+target_dir=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+exec "${target_dir:-target}/release/petal" run \
   --clients "$NBCLIENTS" \
   --min-clients "$NBMINCLIENTS" \
   --fit-clients "$NBFITCLIENTS" \
   --rounds "$NBROUNDS" \
-  --history runs/history.json \
   "$@"

@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Tensors as `bytes::Bytes`: one encoded model is shared, not copied,
+        // by the messages to every client.
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

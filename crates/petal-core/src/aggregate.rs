@@ -1,7 +1,7 @@
 //! Streaming weighted averaging: results are folded in as they arrive, so
 //! memory stays O(model) whatever the number of clients.
 
-use crate::types::{CoreError, Parameters, Tensor};
+use crate::types::{Config, CoreError, Metrics, Parameters, Tensor};
 
 /// Running weighted sum of parameter sets (accumulated in `f64`).
 #[derive(Debug, Default)]
@@ -88,7 +88,7 @@ impl WeightedMean {
                 data: sum.into_iter().map(|v| (v / w) as f32).collect(),
             })
             .collect();
-        Some(Parameters { tensors })
+        Some(Parameters::new(tensors))
     }
 }
 
@@ -112,17 +112,59 @@ impl ScalarMean {
     }
 }
 
+/// Running example-weighted mean of every numeric metric clients report
+/// (the default metrics aggregation, as Flower's `weighted_average`).
+#[derive(Debug, Default, Clone)]
+pub struct MetricsMean {
+    means: std::collections::BTreeMap<String, ScalarMean>,
+}
+
+impl MetricsMean {
+    /// Adds one client's metrics, weighted by its example count; values
+    /// that are not finite numbers are ignored.
+    pub fn add(&mut self, metrics: &Config, weight: f64) {
+        for (k, v) in metrics {
+            if let Some(x) = v.as_f64().filter(|x| x.is_finite()) {
+                self.means.entry(k.clone()).or_default().add(x, weight);
+            }
+        }
+    }
+
+    /// The means so far.
+    pub fn finish(&self) -> Metrics {
+        self.means
+            .iter()
+            .filter_map(|(k, m)| m.mean().map(|v| (k.clone(), v)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Scalar;
 
     fn p(vals: &[f32]) -> Parameters {
-        Parameters {
-            tensors: vec![
-                Tensor::new(vec![vals.len()], vals.to_vec()).unwrap(),
-                Tensor::new(vec![1], vec![vals[0] * 2.0]).unwrap(),
-            ],
-        }
+        Parameters::new(vec![
+            Tensor::new(vec![vals.len()], vals.to_vec()).unwrap(),
+            Tensor::new(vec![1], vec![vals[0] * 2.0]).unwrap(),
+        ])
+    }
+
+    #[test]
+    fn metrics_mean_is_example_weighted_and_skips_text() {
+        let mut m = MetricsMean::default();
+        let c = |acc: f64| -> Config {
+            [
+                ("accuracy".to_string(), Scalar::Double(acc)),
+                ("name".to_string(), Scalar::Str("x".into())),
+            ]
+            .into()
+        };
+        m.add(&c(0.5), 100.0);
+        m.add(&c(1.0), 300.0);
+        m.add(&c(f64::NAN), 300.0);
+        assert_eq!(m.finish(), [("accuracy".to_string(), 0.875)].into());
     }
 
     #[test]

@@ -1,308 +1,528 @@
-//! The round loop: sample → fit → fold → aggregate → evaluate → record.
-//! Independent of the transport: it only sees [`ClientManager`] and
-//! [`ClientProxy`](crate::ClientProxy).
+//! The round loop: for each round, **fit** (wait for clients → the strategy
+//! samples and configures → fan out → fold each result as it arrives →
+//! aggregate) → **centralized evaluation** → **federated evaluation** →
+//! **record** (history and checkpoint, after every round).
+//!
+//! It only sees a [`ClientManager`], [`ClientProxy`] handles and a
+//! [`Strategy`]: no transport, no ML framework. Nothing a client does can
+//! end the run: failures, timeouts, malformed results and even a panic in a
+//! client's task are recorded as that client's failure. Too few clients
+//! skips the round (recorded with its reason); the run stops early only
+//! when `max_skipped_rounds` rounds in a row were skipped.
 
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 
-use crate::client_manager::ClientManager;
-use crate::history::{History, RoundRecord};
-use crate::strategy::Strategy;
-use crate::types::{Config, CoreError, Parameters};
+use crate::checkpoint::{Checkpoint, tensor_names};
+use crate::client_manager::{ClientManager, ClientProxy};
+use crate::history::{Failure, History, RoundRecord, RunStatus};
+use crate::strategy::{Instruction, Phase, Strategy};
+use crate::types::{Config, CoreError, NodeId, Parameters};
+
+/// Default longest time one fit, evaluate or get_parameters call may take.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Default bound on calls in flight at once (per step).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 
 /// Settings of the round loop itself (strategy settings live in the strategy).
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Number of rounds.
+    /// Number of rounds (skipped rounds count).
     pub num_rounds: u64,
-    /// Longest a single fit or evaluate may take before it counts as a failure.
-    pub round_timeout: Option<Duration>,
-    /// Longest to wait for enough clients to connect.
+    /// Longest a single call may take before it counts as a failure (and
+    /// the transport drops that client); `None`: no limit.
+    pub call_timeout: Option<Duration>,
+    /// Longest a step waits for enough clients before it is skipped; `None`: forever.
     pub wait_timeout: Option<Duration>,
+    /// Stop with an error after this many skipped rounds in a row; `None`: never.
+    pub max_skipped_rounds: Option<u64>,
+    /// Calls in flight at once in one step; the others wait their turn.
+    pub max_in_flight: usize,
+    /// Seed of client sampling: each step's generator derives from it, the
+    /// round and the step, so a resumed run samples as an uninterrupted one.
+    pub sample_seed: u64,
+    /// Names of the model's tensors in checkpoints (PyTorch `state_dict` names).
+    pub parameter_names: Option<Vec<String>>,
 }
 
-/// Runs `config.num_rounds` rounds of `strategy` over the clients of
-/// `manager`, then tells every client to disconnect.
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            num_rounds: 3,
+            call_timeout: Some(DEFAULT_CALL_TIMEOUT),
+            wait_timeout: None,
+            max_skipped_rounds: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            sample_seed: 0,
+            parameter_names: None,
+        }
+    }
+}
+
+/// Where a resumed run starts from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The state after the last recorded round.
+    pub checkpoint: Checkpoint,
+    /// The history up to that round.
+    pub history: History,
+}
+
+/// Told after every round; [`RunDir`](crate::RunDir) saves the history and
+/// the checkpoint.
+pub trait RoundObserver: Send + Sync {
+    /// Records the history so far and the state after the round. An error
+    /// stops the run (its results could not be kept).
+    fn round_done(&self, history: &History, checkpoint: &Checkpoint) -> Result<(), CoreError>;
+}
+
+/// Keeps nothing (tests, throw-away runs).
+impl RoundObserver for () {
+    fn round_done(&self, _: &History, _: &Checkpoint) -> Result<(), CoreError> {
+        Ok(())
+    }
+}
+
+/// Runs rounds of `strategy` over the clients of `manager` (from round 1,
+/// or after the checkpoint in `resume`), records each with `observer`,
+/// then tells every client to disconnect.
 pub async fn run_federation(
-    manager: &ClientManager,
+    manager: &dyn ClientManager,
     strategy: &mut dyn Strategy,
     config: &RunConfig,
+    resume: Option<Resume>,
+    observer: &dyn RoundObserver,
 ) -> Result<History, CoreError> {
     let start = Instant::now();
-    let mut history = History::new();
-    let mut parameters = Arc::new(initial_parameters(manager, strategy, config).await?);
+    let (mut history, mut parameters, first_round, seed) = match resume {
+        Some(r) => {
+            let c = r.checkpoint;
+            strategy.restore_state(c.strategy_state)?;
+            tracing::info!("resuming after round {}", c.round);
+            (r.history, c.parameters, c.round + 1, c.sample_seed)
+        }
+        None => {
+            let p = initial_parameters(manager, strategy, config).await?;
+            let mut h = History::new();
+            h.initial_centralized = strategy.evaluate(0, &p);
+            (h, Arc::new(p), 1, config.sample_seed)
+        }
+    };
     tracing::info!(
         tensors = parameters.tensors.len(),
         values = parameters.num_values(),
-        "initial parameters ready"
+        "global model ready"
     );
-    for round in 1..=config.num_rounds {
+    let elapsed_before = history.rounds.last().map_or(0.0, |r| r.elapsed_seconds);
+    let names = tensor_names(config.parameter_names.as_deref(), parameters.tensors.len());
+    let mut skipped_in_a_row = 0u64;
+    for round in first_round..=config.num_rounds {
         let round_start = Instant::now();
         tracing::info!("[ROUND {round}]");
-        let mut failures = Vec::new();
-
-        // Fit.
-        let (n, min) = strategy.num_fit_clients(manager.num_available());
-        let clients = manager.sample(n, min, config.wait_timeout).await?;
-        tracing::info!(
-            "configure_fit: strategy sampled {} clients (out of {})",
-            clients.len(),
-            manager.num_available()
-        );
-        let ins = strategy.configure_fit(round, parameters.clone());
-        let timeout = config.round_timeout;
-        let mut tasks = JoinSet::new();
-        for client in clients {
-            let ins = ins.clone();
-            tasks.spawn(async move {
-                let res = client.fit(ins, timeout).await;
-                (client.cid().to_string(), res)
-            });
-        }
-        let mut fit_results = 0;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((cid, Ok(res))) => match strategy.fold_fit(round, &cid, &res) {
-                    Ok(()) => fit_results += 1,
-                    Err(e) => failures.push(format!("{cid}: fit result rejected: {e}")),
-                },
-                Ok((cid, Err(e))) => failures.push(format!("{cid}: fit failed: {e}")),
-                Err(e) => failures.push(format!("fit task failed: {e}")),
+        let mut record = RoundRecord {
+            round,
+            ..Default::default()
+        };
+        let step = Step {
+            manager,
+            config,
+            round,
+            seed,
+        };
+        match step.fit(strategy, &parameters, &mut record).await {
+            Err(reason) => {
+                tracing::warn!("round {round} skipped: {reason}");
+                record.skipped = Some(reason);
+            }
+            Ok(new) => {
+                if let Some(p) = new {
+                    parameters = Arc::new(p);
+                }
+                record.centralized = strategy.evaluate(round, &parameters);
+                step.evaluate(strategy, &parameters, &mut record).await;
             }
         }
-        let fit_failures = failures.len();
-        tracing::info!("aggregate_fit: received {fit_results} results and {fit_failures} failures");
-        for f in &failures {
-            tracing::warn!("{f}");
-        }
-        match strategy.aggregate_fit(round) {
-            Some(p) => parameters = Arc::new(p),
-            None => tracing::warn!("round {round}: no fit results, keeping the previous model"),
-        }
-
-        // Evaluate.
-        let (n, min) = strategy.num_evaluate_clients(manager.num_available());
-        let mut eval_results = 0;
-        let mut eval_failures = 0;
-        if n > 0 {
-            let clients = manager.sample(n, min.min(n), config.wait_timeout).await?;
-            tracing::info!(
-                "configure_evaluate: strategy sampled {} clients (out of {})",
-                clients.len(),
-                manager.num_available()
-            );
-            let ins = strategy.configure_evaluate(round, parameters.clone());
-            let mut tasks = JoinSet::new();
-            for client in clients {
-                let ins = ins.clone();
-                tasks.spawn(async move {
-                    let res = client.evaluate(ins, timeout).await;
-                    (client.cid().to_string(), res)
-                });
-            }
-            while let Some(joined) = tasks.join_next().await {
-                let failure = match joined {
-                    Ok((cid, Ok(res))) => match strategy.fold_evaluate(round, &cid, &res) {
-                        Ok(()) => None,
-                        Err(e) => Some(format!("{cid}: evaluate result rejected: {e}")),
-                    },
-                    Ok((cid, Err(e))) => Some(format!("{cid}: evaluate failed: {e}")),
-                    Err(e) => Some(format!("evaluate task failed: {e}")),
-                };
-                match failure {
-                    None => eval_results += 1,
-                    Some(f) => {
-                        tracing::warn!("{f}");
-                        failures.push(f);
-                        eval_failures += 1;
-                    }
+        record.round_seconds = round_start.elapsed().as_secs_f64();
+        record.elapsed_seconds = elapsed_before + start.elapsed().as_secs_f64();
+        log_round(&record);
+        let skip_reason = record.skipped.clone();
+        history.rounds.push(record);
+        let checkpoint = Checkpoint {
+            round,
+            parameters: parameters.clone(),
+            names: names.clone(),
+            strategy_state: strategy.state(),
+            sample_seed: seed,
+        };
+        observer.round_done(&history, &checkpoint)?;
+        match skip_reason {
+            None => skipped_in_a_row = 0,
+            Some(reason) => {
+                skipped_in_a_row += 1;
+                if let Some(max) = config.max_skipped_rounds
+                    && skipped_in_a_row > max
+                {
+                    return Err(CoreError::Invalid(format!(
+                        "{skipped_in_a_row} rounds in a row were skipped (more than \
+                         --max-skipped-rounds {max}); last reason: {reason}"
+                    )));
                 }
             }
-            tracing::info!(
-                "aggregate_evaluate: received {eval_results} results and {eval_failures} failures"
-            );
         }
-        let mut summary = strategy.aggregate_evaluate(round);
-        let accuracy = summary.metrics.remove("accuracy");
-        let record = RoundRecord {
-            round,
-            fit_results,
-            fit_failures,
-            eval_results,
-            eval_failures,
-            loss: summary.loss,
-            accuracy,
-            metrics: summary.metrics,
-            failures,
-            round_seconds: round_start.elapsed().as_secs_f64(),
-            elapsed_seconds: start.elapsed().as_secs_f64(),
-        };
-        let show = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
-        tracing::info!(
-            "round {round}: loss {} accuracy {} in {:.1}s",
-            show(record.loss),
-            show(record.accuracy),
-            record.round_seconds
-        );
-        history.rounds.push(record);
     }
-    disconnect_all(manager, config.round_timeout).await;
+    disconnect_all(manager, config).await;
+    history.status = RunStatus::Completed;
     Ok(history)
 }
 
+fn log_round(r: &RoundRecord) {
+    if r.skipped.is_some() {
+        return;
+    }
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
+    tracing::info!(
+        "round {}: loss {} accuracy {} in {:.1}s",
+        r.round,
+        show(r.loss),
+        show(r.accuracy),
+        r.round_seconds
+    );
+}
+
+/// The sampling generator of one step: a function of the seed, the round
+/// and the step only.
+fn step_rng(seed: u64, round: u64, salt: u64) -> StdRng {
+    fn mix(mut z: u64) -> u64 {
+        // splitmix64
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    StdRng::seed_from_u64(mix(seed ^ mix(round.wrapping_mul(4).wrapping_add(salt))))
+}
+
+fn salt(phase: Phase) -> u64 {
+    match phase {
+        Phase::Fit => 1,
+        Phase::Evaluate => 2,
+    }
+}
+
+/// The reason of an error, without the node prefix when it names the client.
+fn reason(e: CoreError) -> String {
+    match e {
+        CoreError::Client { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
+/// One step of one round.
+struct Step<'a> {
+    manager: &'a dyn ClientManager,
+    config: &'a RunConfig,
+    round: u64,
+    seed: u64,
+}
+
+impl Step<'_> {
+    /// Waits (at most the wait timeout) for `n` connected clients.
+    async fn wait_for(&self, n: usize, phase: Phase) -> Result<(), String> {
+        let available = self.manager.num_available();
+        if available >= n {
+            return Ok(());
+        }
+        tracing::info!(
+            "{}: waiting for {n} clients ({available} connected)",
+            phase.name()
+        );
+        if self.manager.wait_for(n, self.config.wait_timeout).await {
+            return Ok(());
+        }
+        Err(format!(
+            "{n} clients needed for {}, {} connected after waiting {:.0}s",
+            phase.name(),
+            self.manager.num_available(),
+            self.config.wait_timeout.unwrap_or_default().as_secs_f64()
+        ))
+    }
+
+    /// The fit step; `Err` when it was skipped, `Ok(None)` when no result
+    /// could be aggregated (the global model stays).
+    async fn fit(
+        &self,
+        strategy: &mut dyn Strategy,
+        parameters: &Arc<Parameters>,
+        record: &mut RoundRecord,
+    ) -> Result<Option<Parameters>, String> {
+        self.wait_for(strategy.min_available_clients(Phase::Fit), Phase::Fit)
+            .await?;
+        let mut rng = step_rng(self.seed, self.round, salt(Phase::Fit));
+        let instructions = strategy.configure_fit(self.round, parameters, self.manager, &mut rng);
+        if instructions.is_empty() {
+            return Err("configure_fit selected no clients".into());
+        }
+        tracing::info!(
+            "configure_fit: strategy sampled {} clients (out of {})",
+            instructions.len(),
+            self.manager.num_available()
+        );
+        let timeout = self.config.call_timeout;
+        let round = self.round;
+        fan_out(
+            self.manager,
+            instructions,
+            self.config.max_in_flight,
+            |c, ins| async move { c.fit(ins, timeout).await },
+            |node, result| {
+                let folded = result.and_then(|res| {
+                    res.parameters.check_like(parameters)?;
+                    strategy.fold_fit(round, node, res)
+                });
+                match folded {
+                    Ok(()) => record.fit_results += 1,
+                    Err(e) => {
+                        record.fit_failures += 1;
+                        failure(record, node, Phase::Fit, reason(e));
+                    }
+                }
+            },
+        )
+        .await;
+        tracing::info!(
+            "aggregate_fit: received {} results and {} failures",
+            record.fit_results,
+            record.fit_failures
+        );
+        let aggregated = strategy.aggregate_fit(self.round);
+        Ok(aggregated.and_then(|(p, metrics)| {
+            record.fit_metrics = metrics;
+            match p.check_like(parameters) {
+                Ok(()) => Some(p),
+                Err(e) => {
+                    tracing::error!(
+                        "aggregate_fit produced an invalid model ({e}); keeping the previous one"
+                    );
+                    None
+                }
+            }
+        }))
+    }
+
+    /// The federated evaluation step.
+    async fn evaluate(
+        &self,
+        strategy: &mut dyn Strategy,
+        parameters: &Arc<Parameters>,
+        record: &mut RoundRecord,
+    ) {
+        let min = strategy.min_available_clients(Phase::Evaluate);
+        if min > 0
+            && let Err(why) = self.wait_for(min, Phase::Evaluate).await
+        {
+            tracing::warn!("evaluation of round {} skipped: {why}", self.round);
+            record.failures.push(Failure {
+                node: None,
+                phase: "evaluate".into(),
+                reason: format!("skipped: {why}"),
+            });
+            return;
+        }
+        let mut rng = step_rng(self.seed, self.round, salt(Phase::Evaluate));
+        let instructions =
+            strategy.configure_evaluate(self.round, parameters, self.manager, &mut rng);
+        if instructions.is_empty() {
+            return;
+        }
+        tracing::info!(
+            "configure_evaluate: strategy sampled {} clients (out of {})",
+            instructions.len(),
+            self.manager.num_available()
+        );
+        let timeout = self.config.call_timeout;
+        let round = self.round;
+        fan_out(
+            self.manager,
+            instructions,
+            self.config.max_in_flight,
+            |c, ins| async move { c.evaluate(ins, timeout).await },
+            |node, result| match result.and_then(|res| strategy.fold_evaluate(round, node, res)) {
+                Ok(()) => record.eval_results += 1,
+                Err(e) => {
+                    record.eval_failures += 1;
+                    failure(record, node, Phase::Evaluate, reason(e));
+                }
+            },
+        )
+        .await;
+        tracing::info!(
+            "aggregate_evaluate: received {} results and {} failures",
+            record.eval_results,
+            record.eval_failures
+        );
+        let mut summary = strategy.aggregate_evaluate(self.round);
+        record.loss = summary.loss;
+        record.accuracy = summary.metrics.remove("accuracy");
+        record.metrics = summary.metrics;
+    }
+}
+
+fn failure(record: &mut RoundRecord, node: NodeId, phase: Phase, reason: String) {
+    tracing::warn!("{node}: {} failed: {reason}", phase.name());
+    record.failures.push(Failure {
+        node: Some(node),
+        phase: phase.name().into(),
+        reason,
+    });
+}
+
+/// Sends every instruction with `call`, at most `max_in_flight` at once,
+/// and hands each outcome to `on_result` as soon as it arrives. A call
+/// whose task panics is that client's failure, and the client is dropped.
+async fn fan_out<I, R, F, Fut>(
+    manager: &dyn ClientManager,
+    instructions: Vec<Instruction<I>>,
+    max_in_flight: usize,
+    call: F,
+    mut on_result: impl FnMut(NodeId, Result<R, CoreError>),
+) where
+    I: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Arc<dyn ClientProxy>, I) -> Fut,
+    Fut: Future<Output = Result<R, CoreError>> + Send + 'static,
+{
+    let total = instructions.len();
+    let mut pending = instructions.into_iter();
+    let mut tasks = JoinSet::new();
+    let mut owners: HashMap<tokio::task::Id, NodeId> = HashMap::new();
+    let mut done = 0usize;
+    let mut last_log = Instant::now();
+    loop {
+        while tasks.len() < max_in_flight.max(1) {
+            let Some((client, ins)) = pending.next() else {
+                break;
+            };
+            let node = client.node_id();
+            let handle = tasks.spawn(call(client, ins));
+            owners.insert(handle.id(), node);
+        }
+        let Some(joined) = tasks.join_next_with_id().await else {
+            break;
+        };
+        let (node, result) = match joined {
+            Ok((id, r)) => (owners.remove(&id), r),
+            Err(e) => {
+                let node = owners.remove(&e.id());
+                let why = if e.is_panic() {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    format!("the server's task for this client panicked: {msg}")
+                } else {
+                    "the server's task for this client was cancelled".to_string()
+                };
+                if let Some(n) = node {
+                    manager.drop_client(n);
+                }
+                (node, Err(CoreError::Invalid(why)))
+            }
+        };
+        done += 1;
+        match node {
+            Some(n) => on_result(n, result),
+            None => tracing::error!("a result arrived from an unknown task"),
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            tracing::info!("{done}/{total} replies in, {} outstanding", total - done);
+            last_log = Instant::now();
+        }
+    }
+}
+
+/// Parameters from the strategy, or from one client after another until
+/// one gives a usable model.
 async fn initial_parameters(
-    manager: &ClientManager,
+    manager: &dyn ClientManager,
     strategy: &mut dyn Strategy,
     config: &RunConfig,
 ) -> Result<Parameters, CoreError> {
     if let Some(p) = strategy.initialize_parameters() {
+        p.check_like(&p)
+            .map_err(|e| CoreError::NoInitialParameters(format!("from the strategy: {e}")))?;
         tracing::info!("using initial parameters provided by the strategy");
         return Ok(p);
     }
-    let client = manager
-        .sample(1, 1, config.wait_timeout)
-        .await?
-        .pop()
-        .ok_or_else(|| CoreError::NoInitialParameters("no client connected".into()))?;
-    tracing::info!("requesting initial parameters from one random client");
-    client
-        .get_parameters(Config::new(), config.round_timeout)
-        .await
-        .map_err(|e| CoreError::NoInitialParameters(format!("{}: {e}", client.cid())))
+    let mut rng = step_rng(config.sample_seed, 0, 0);
+    let mut tried: BTreeSet<NodeId> = BTreeSet::new();
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let ids = manager.node_ids();
+        let fresh: Vec<NodeId> = ids.iter().copied().filter(|n| !tried.contains(n)).collect();
+        if fresh.is_empty() {
+            let waiting = ids.len() + 1;
+            if !manager.wait_for(waiting, config.wait_timeout).await {
+                let why = if failures.is_empty() {
+                    "no client connected".to_string()
+                } else {
+                    failures.join("; ")
+                };
+                return Err(CoreError::NoInitialParameters(why));
+            }
+            continue;
+        }
+        let node = fresh[rng.random_range(0..fresh.len())];
+        tried.insert(node);
+        let Some(client) = manager.get(node) else {
+            continue;
+        };
+        tracing::info!("requesting initial parameters from {node}");
+        let timeout = config.call_timeout;
+        let task = tokio::spawn(async move { client.get_parameters(Config::new(), timeout).await });
+        let outcome = match task.await {
+            Ok(Ok(p)) if p.tensors.is_empty() => Err("sent no tensors".to_string()),
+            Ok(Ok(p)) => p.check_like(&p).map(|()| p).map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(reason(e)),
+            Err(e) => {
+                manager.drop_client(node);
+                Err(format!("the server's task for this client failed: {e}"))
+            }
+        };
+        match outcome {
+            Ok(p) => return Ok(p),
+            Err(why) => {
+                tracing::warn!("{node}: get_parameters failed: {why}");
+                failures.push(format!("{node}: {why}"));
+            }
+        }
+    }
 }
 
-async fn disconnect_all(manager: &ClientManager, timeout: Option<Duration>) {
-    let mut tasks = JoinSet::new();
-    for client in manager.all() {
-        tasks.spawn(async move {
-            if let Err(e) = client.disconnect(timeout).await {
-                tracing::debug!(cid = client.cid(), "disconnect: {e}");
+async fn disconnect_all(manager: &dyn ClientManager, config: &RunConfig) {
+    let clients: Vec<_> = manager.all().into_iter().map(|c| (c, ())).collect();
+    let timeout = config.call_timeout.map(|t| t.min(Duration::from_secs(10)));
+    fan_out(
+        manager,
+        clients,
+        config.max_in_flight,
+        |c, ()| async move { c.disconnect(timeout).await },
+        |node, r| {
+            if let Err(e) = r {
+                tracing::debug!("{node}: disconnect: {e}");
             }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::client_manager::{ClientProxy, ProxyFuture};
-    use crate::strategy::{FedAvg, FedAvgConfig};
-    use crate::types::*;
-    use std::sync::Mutex;
-
-    /// An in-process client that "trains" by adding its offset.
-    struct FakeClient {
-        cid: String,
-        offset: f32,
-        examples: u64,
-        fail: bool,
-        seen: Mutex<Vec<f32>>,
-    }
-
-    impl ClientProxy for FakeClient {
-        fn cid(&self) -> &str {
-            &self.cid
-        }
-        fn get_parameters(&self, _: Config, _: Option<Duration>) -> ProxyFuture<'_, Parameters> {
-            Box::pin(async {
-                Ok(Parameters {
-                    tensors: vec![Tensor::new(vec![1], vec![0.0])?],
-                })
-            })
-        }
-        fn fit(&self, ins: FitIns, _: Option<Duration>) -> ProxyFuture<'_, FitRes> {
-            Box::pin(async move {
-                if self.fail {
-                    return Err(CoreError::Client {
-                        cid: self.cid.clone(),
-                        reason: "boom".into(),
-                    });
-                }
-                let v = ins.parameters.tensors[0].data[0];
-                self.seen.lock().unwrap().push(v);
-                Ok(FitRes {
-                    parameters: Parameters {
-                        tensors: vec![Tensor::new(vec![1], vec![v + self.offset])?],
-                    },
-                    num_examples: self.examples,
-                    metrics: Config::new(),
-                })
-            })
-        }
-        fn evaluate(&self, ins: EvaluateIns, _: Option<Duration>) -> ProxyFuture<'_, EvaluateRes> {
-            Box::pin(async move {
-                let v = ins.parameters.tensors[0].data[0];
-                Ok(EvaluateRes {
-                    loss: v,
-                    num_examples: self.examples,
-                    metrics: [("accuracy".to_string(), Scalar::Double(0.5))].into(),
-                })
-            })
-        }
-        fn disconnect(&self, _: Option<Duration>) -> ProxyFuture<'_, ()> {
-            Box::pin(async { Ok(()) })
-        }
-    }
-
-    fn client(cid: &str, offset: f32, examples: u64, fail: bool) -> Arc<FakeClient> {
-        Arc::new(FakeClient {
-            cid: cid.into(),
-            offset,
-            examples,
-            fail,
-            seen: Mutex::new(Vec::new()),
-        })
-    }
-
-    #[tokio::test]
-    async fn rounds_average_and_record_failures() {
-        let manager = ClientManager::new(7);
-        let a = client("a", 1.0, 1, false);
-        let b = client("b", 4.0, 3, false);
-        let c = client("c", 0.0, 1, true);
-        for x in [&a, &b, &c] {
-            assert!(manager.register(x.clone()));
-        }
-        let mut strategy = FedAvg::new(FedAvgConfig {
-            fit_clients: 3,
-            min_available_clients: 3,
-            ..Default::default()
-        })
-        .unwrap();
-        let cfg = RunConfig {
-            num_rounds: 2,
-            round_timeout: None,
-            wait_timeout: Some(Duration::from_secs(5)),
-        };
-        let h = run_federation(&manager, &mut strategy, &cfg).await.unwrap();
-        assert_eq!(h.rounds.len(), 2);
-        let r1 = &h.rounds[0];
-        assert_eq!((r1.fit_results, r1.fit_failures), (2, 1));
-        assert!(r1.failures[0].contains("boom"), "{:?}", r1.failures);
-        // Round 1: (1*1 + 3*4)/4 = 3.25; evaluated loss is the model value.
-        assert_eq!(r1.loss, Some(3.25));
-        assert_eq!(r1.accuracy, Some(0.5));
-        // Round 2 starts from 3.25: 3.25 + 3.25 = 6.5.
-        assert_eq!(h.rounds[1].loss, Some(6.5));
-        assert_eq!(*a.seen.lock().unwrap(), vec![0.0, 3.25]);
-    }
-
-    #[tokio::test]
-    async fn sampling_times_out_with_too_few_clients() {
-        let manager = ClientManager::new(1);
-        manager.register(client("a", 1.0, 1, false));
-        let mut strategy = FedAvg::new(FedAvgConfig::default()).unwrap();
-        let cfg = RunConfig {
-            num_rounds: 1,
-            round_timeout: None,
-            wait_timeout: Some(Duration::from_millis(50)),
-        };
-        let err = run_federation(&manager, &mut strategy, &cfg)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("waiting for 2 clients"), "{err}");
-    }
-}
+mod tests;

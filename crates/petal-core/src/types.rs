@@ -1,8 +1,23 @@
 //! The values a round exchanges: tensors, parameters, config maps and the
 //! fit/evaluate instructions and results (Flower's `common.typing`).
 
+use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// A client's identity within one run, assigned by the server when the
+/// client joins and never reused (Flower's `node_id`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct NodeId(pub u64);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {}", self.0)
+    }
+}
 
 /// A config or metrics value, as Flower's `Scalar`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,6 +46,9 @@ impl Scalar {
 /// Config sent to clients, or metrics they send back.
 pub type Config = BTreeMap<String, Scalar>;
 
+/// Aggregated numeric metrics (`accuracy`, `train_loss`, ...).
+pub type Metrics = BTreeMap<String, f64>;
+
 /// Reads a numeric config value, falling back to `default` when absent.
 pub fn config_f64(config: &Config, key: &str, default: f64) -> Result<f64, CoreError> {
     match config.get(key) {
@@ -49,30 +67,115 @@ pub struct Tensor {
     pub data: Vec<f32>,
 }
 
+/// Number of values a shape holds, or `None` when the product overflows.
+pub fn shape_len(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 impl Tensor {
     /// Builds a tensor, checking that `data` fills `shape`.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self, CoreError> {
-        let n: usize = shape.iter().product();
-        if n != data.len() {
-            return Err(CoreError::ShapeMismatch(format!(
+        match shape_len(&shape) {
+            Some(n) if n == data.len() => Ok(Tensor { shape, data }),
+            Some(n) => Err(CoreError::ShapeMismatch(format!(
                 "shape {shape:?} holds {n} values, got {}",
                 data.len()
-            )));
+            ))),
+            None => Err(CoreError::ShapeMismatch(format!(
+                "shape {shape:?} overflows"
+            ))),
         }
-        Ok(Tensor { shape, data })
     }
 }
 
 /// Model parameters: an ordered list of tensors, as Flower's `Parameters`.
-#[derive(Debug, Clone, PartialEq, Default)]
+///
+/// A transport may cache its encoding of the parameters here
+/// ([`Parameters::encoded`]) so that one global model sent to a thousand
+/// clients is encoded once, not a thousand times.
+#[derive(Default)]
 pub struct Parameters {
     pub tensors: Vec<Tensor>,
+    encoded: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Parameters {
+    /// Parameters holding `tensors`.
+    pub fn new(tensors: Vec<Tensor>) -> Self {
+        Parameters {
+            tensors,
+            encoded: OnceLock::new(),
+        }
+    }
+
     /// Total number of scalar values.
     pub fn num_values(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// The transport's encoding of these parameters, computed by `encode`
+    /// the first time and shared afterwards. One encoding type is cached;
+    /// asking for another type encodes without caching.
+    pub fn encoded<T: Any + Send + Sync>(&self, encode: impl FnOnce(&Self) -> T) -> Arc<T> {
+        let mut encode = Some(encode);
+        let cached = self.encoded.get_or_init(|| match encode.take() {
+            Some(f) => Arc::new(f(self)) as Arc<dyn Any + Send + Sync>,
+            None => Arc::new(()),
+        });
+        match (cached.clone().downcast::<T>(), encode) {
+            (Ok(t), _) => t,
+            (Err(_), Some(f)) => Arc::new(f(self)),
+            // `encode` ran above, so the cached value has type `T`.
+            (Err(_), None) => unreachable!("the cache holds the type just encoded"),
+        }
+    }
+
+    /// Checks that `self` has the layout (tensor count and shapes) of
+    /// `reference` and holds only finite values; the error names the first
+    /// offending tensor.
+    pub fn check_like(&self, reference: &Parameters) -> Result<(), CoreError> {
+        if self.tensors.len() != reference.tensors.len() {
+            return Err(CoreError::ShapeMismatch(format!(
+                "expected {} tensors, got {}",
+                reference.tensors.len(),
+                self.tensors.len()
+            )));
+        }
+        for (i, (t, r)) in self.tensors.iter().zip(&reference.tensors).enumerate() {
+            if t.shape != r.shape {
+                return Err(CoreError::ShapeMismatch(format!(
+                    "tensor {i}: expected shape {:?}, got {:?}",
+                    r.shape, t.shape
+                )));
+            }
+            if let Some(pos) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(CoreError::NotFinite(format!(
+                    "tensor {i} holds {} at index {pos}",
+                    t.data[pos]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Clone for Parameters {
+    fn clone(&self) -> Self {
+        Parameters::new(self.tensors.clone())
+    }
+}
+
+impl PartialEq for Parameters {
+    fn eq(&self, other: &Self) -> bool {
+        self.tensors == other.tensors
+    }
+}
+
+impl std::fmt::Debug for Parameters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parameters")
+            .field("tensors", &self.tensors)
+            .finish()
     }
 }
 
@@ -116,10 +219,72 @@ pub enum CoreError {
     NotFinite(String),
     #[error("config key '{key}': {reason}")]
     BadConfig { key: String, reason: String },
-    #[error("client {cid}: {reason}")]
-    Client { cid: String, reason: String },
+    #[error("{node}: {reason}")]
+    Client { node: NodeId, reason: String },
+    #[error("{0}")]
+    Local(String),
     #[error("no client could provide initial parameters: {0}")]
     NoInitialParameters(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_shape_overflow_is_an_error() {
+        let e = Tensor::new(vec![usize::MAX, 2], vec![]).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        assert!(Tensor::new(vec![2, 2], vec![0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn encoding_is_computed_once_and_shared() {
+        let p = Parameters::new(vec![Tensor::new(vec![1], vec![1.0]).unwrap()]);
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let enc = |p: &Parameters| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            p.num_values()
+        };
+        let a = p.encoded(enc);
+        let b = p.encoded(enc);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Another type is computed but not cached.
+        assert_eq!(*p.encoded(|_| "other"), "other");
+        assert_eq!(p.clone(), p, "clones compare by value and drop the cache");
+    }
+
+    #[test]
+    fn check_like_names_the_problem() {
+        let r = Parameters::new(vec![Tensor::new(vec![2], vec![0.0; 2]).unwrap()]);
+        let bad_count = Parameters::new(vec![]);
+        assert!(
+            bad_count
+                .check_like(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("expected 1 tensors")
+        );
+        let bad_shape = Parameters::new(vec![Tensor::new(vec![1, 2], vec![0.0; 2]).unwrap()]);
+        assert!(
+            bad_shape
+                .check_like(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("tensor 0")
+        );
+        let nan = Parameters::new(vec![Tensor::new(vec![2], vec![0.0, f32::NAN]).unwrap()]);
+        assert!(
+            nan.check_like(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("NaN at index 1")
+        );
+        assert!(r.check_like(&r).is_ok());
+    }
 }

@@ -35,12 +35,23 @@ pub fn load_cifar10(dir: &Path, download: Option<&Remote>) -> Result<Splits, Dat
     let batches = match (batches_dir(dir), download) {
         (Some(b), _) => b,
         (None, Some(remote)) => {
-            let archive = fetch(remote, &dir.join("cifar-10-binary.tar.gz"))?;
-            extract(&archive, dir)?;
-            batches_dir(dir).ok_or_else(|| DataError::Corrupt {
-                path: archive.clone(),
-                reason: format!("archive holds no {DIR}/test_batch.bin"),
-            })?
+            // Clients of one machine may all start with the data missing:
+            // one downloads and extracts, the others wait and then read.
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let lock_path = dir.join(".cifar-10.lock");
+            let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+            lock.lock().map_err(io_err(&lock_path))?;
+            match batches_dir(dir) {
+                Some(b) => b,
+                None => {
+                    let archive = fetch(remote, &dir.join("cifar-10-binary.tar.gz"))?;
+                    extract(&archive, dir)?;
+                    batches_dir(dir).ok_or_else(|| DataError::Corrupt {
+                        path: archive.clone(),
+                        reason: format!("archive holds no {DIR}/test_batch.bin"),
+                    })?
+                }
+            }
         }
         (None, None) => {
             return Err(DataError::Missing {
@@ -65,6 +76,30 @@ pub fn load_cifar10(dir: &Path, download: Option<&Remote>) -> Result<Splits, Dat
     let mut test = empty();
     read_batch(&batches.join("test_batch.bin"), &mut test)?;
     Ok(Splits { train, test })
+}
+
+/// Numbers of training and test records in `dir`, from the file sizes;
+/// `None` when the files are absent (they may be downloaded later).
+pub fn count_cifar10(dir: &Path) -> Result<Option<(usize, usize)>, DataError> {
+    let Some(batches) = batches_dir(dir) else {
+        return Ok(None);
+    };
+    let records = |name: String| -> Result<usize, DataError> {
+        let p = batches.join(name);
+        let len = std::fs::metadata(&p).map_err(io_err(&p))?.len();
+        if len == 0 || len % RECORD as u64 != 0 {
+            return Err(DataError::Corrupt {
+                path: p,
+                reason: format!("{len} bytes is not a whole number of {RECORD}-byte records"),
+            });
+        }
+        Ok((len / RECORD as u64) as usize)
+    };
+    let mut train = 0;
+    for i in 1..=5 {
+        train += records(format!("data_batch_{i}.bin"))?;
+    }
+    Ok(Some((train, records("test_batch.bin".into())?)))
 }
 
 fn empty() -> ImageSet {
@@ -104,11 +139,14 @@ fn read_batch(path: &Path, set: &mut ImageSet) -> Result<(), DataError> {
 /// Extracts the archive into a scratch folder of `dir`, then moves
 /// `cifar-10-batches-bin` into place.
 fn extract(archive: &Path, dir: &Path) -> Result<(), DataError> {
-    let scratch = dir.join(".cifar-10-extract");
+    let scratch = dir.join(format!(".cifar-10-extract-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let file = std::fs::File::open(archive).map_err(io_err(archive))?;
     tar::Archive::new(flate2::read::GzDecoder::new(file))
         .unpack(&scratch)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&scratch);
+        })
         .map_err(|e| DataError::Corrupt {
             path: archive.to_path_buf(),
             reason: format!("cannot extract: {e}"),
@@ -137,10 +175,11 @@ mod tests {
 
     #[test]
     fn known_answers_from_the_real_subset() {
-        let Some(root) = shared_subset() else {
-            eprintln!("skipping: ../shared/data/cifar10-subset is not present");
+        let subset = shared_subset();
+        if !crate::test_input("../shared/data/cifar10-subset", subset.is_some()) {
             return;
-        };
+        }
+        let Some(root) = subset else { return };
         let s = load_cifar10(&root.join("tiny"), None).unwrap();
         assert_eq!((s.train.len(), s.test.len()), (50, 10));
         let full = load_cifar10(&root, None).unwrap();
@@ -234,9 +273,57 @@ mod tests {
         };
         let s = load_cifar10(dir.path(), Some(&remote)).unwrap();
         assert_eq!((s.train.len(), s.test.len()), (10, 3));
-        assert!(!dir.path().join("cifar-10-binary.part").exists());
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+        assert!(dir.path().join("cifar-10-binary.tar.gz").is_file());
         // Second load uses the extracted files: the server accepts no more requests.
         assert_eq!(load_cifar10(dir.path(), Some(&remote)).unwrap(), s);
+    }
+
+    /// Partial downloads and scratch folders left in `dir`.
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".part") || n.contains("extract"))
+            .collect()
+    }
+
+    #[test]
+    fn concurrent_loads_download_once_and_agree() {
+        let body = archive();
+        let md5 = {
+            use md5::{Digest, Md5};
+            Md5::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        // One request is served: a second download would fail to connect.
+        let remote = Remote {
+            url: serve(body, 1),
+            checksum: Checksum::Md5(md5),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let loads: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, remote) = (dir.path().to_path_buf(), remote.clone());
+                std::thread::spawn(move || load_cifar10(&dir, Some(&remote)))
+            })
+            .collect();
+        let results: Vec<_> = loads
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
     }
 
     #[test]
@@ -252,7 +339,11 @@ mod tests {
             .to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
         assert!(!dir.path().join("cifar-10-binary.tar.gz").exists());
-        assert!(!dir.path().join("cifar-10-binary.part").exists());
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Verified downloads: stream to `<file>.part` with a progress bar, check
-//! the digest, then rename into place, so a partial file is never mistaken
-//! for a good one.
+//! Verified downloads: stream to `<file>.part.<pid>` with a progress bar,
+//! check the digest, then rename into place, so a partial file is never
+//! mistaken for a good one and two processes never write the same file.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -80,7 +80,11 @@ pub fn fetch(remote: &Remote, dest: &Path) -> Result<PathBuf, DataError> {
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    let part = dest.with_extension("part");
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "download".into());
+    let part = dest.with_file_name(format!("{name}.part.{}", std::process::id()));
     let fail = |reason: String| DataError::Download {
         url: remote.url.clone(),
         reason,

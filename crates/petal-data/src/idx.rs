@@ -19,8 +19,8 @@ fn find(dir: &Path, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Loads Fashion-MNIST from the first of `dirs` that holds its training images.
-pub fn load_fashion_mnist(dirs: &[PathBuf]) -> Result<Splits, DataError> {
+/// The folder of `dirs` holding Fashion-MNIST and the paths of its four files.
+fn locate(dirs: &[PathBuf]) -> Result<[PathBuf; 4], DataError> {
     let dir = dirs
         .iter()
         .find(|d| find(d, FILES[0]).is_some())
@@ -41,10 +41,36 @@ pub fn load_fashion_mnist(dirs: &[PathBuf]) -> Result<Splits, DataError> {
             hint: String::new(),
         })
     };
-    let train = load_pair(&path(FILES[0])?, &path(FILES[1])?)?;
-    let test = load_pair(&path(FILES[2])?, &path(FILES[3])?)?;
-    tracing::debug!(dir = %dir.display(), train = train.len(), test = test.len(), "loaded Fashion-MNIST");
+    Ok([
+        path(FILES[0])?,
+        path(FILES[1])?,
+        path(FILES[2])?,
+        path(FILES[3])?,
+    ])
+}
+
+/// Loads Fashion-MNIST from the first of `dirs` that holds its training images.
+pub fn load_fashion_mnist(dirs: &[PathBuf]) -> Result<Splits, DataError> {
+    let [train_x, train_y, test_x, test_y] = locate(dirs)?;
+    let train = load_pair(&train_x, &train_y)?;
+    let test = load_pair(&test_x, &test_y)?;
+    tracing::debug!(
+        train = train.len(),
+        test = test.len(),
+        "loaded Fashion-MNIST"
+    );
     Ok(Splits { train, test })
+}
+
+/// Numbers of training and test images, read from the label files only
+/// (a cheap check before starting many clients).
+pub fn count_fashion_mnist(dirs: &[PathBuf]) -> Result<(usize, usize), DataError> {
+    let [_, train_y, _, test_y] = locate(dirs)?;
+    let count = |p: &Path| -> Result<usize, DataError> {
+        let (dims, _) = parse_idx(p, &read_maybe_gz(p)?)?;
+        Ok(dims.first().copied().unwrap_or(0))
+    };
+    Ok((count(&train_y)?, count(&test_y)?))
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -83,12 +109,14 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), Dat
     if bytes.len() < header {
         return Err(corrupt("truncated idx header".into()));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| {
-            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
-        })
+    let dims: Vec<usize> = bytes[4..header]
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let expected: usize = dims.iter().product();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| corrupt(format!("dimensions {dims:?} overflow")))?;
     let data = &bytes[header..];
     if data.len() != expected {
         return Err(corrupt(format!(
@@ -195,6 +223,23 @@ mod tests {
     }
 
     #[test]
+    fn hostile_dimensions_are_errors() {
+        let p = Path::new("x");
+        let huge = idx(&[u32::MAX, u32::MAX, u32::MAX], &[]);
+        let e = parse_idx(p, &huge).unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
+        let mut many = vec![0, 0, 8, 255];
+        many.extend_from_slice(&[0; 16]);
+        assert!(
+            parse_idx(p, &many)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+        assert!(parse_idx(p, &[0, 0, 8]).is_err());
+    }
+
+    #[test]
     fn corrupt_gzip_and_missing_dir_are_explained() {
         let dir = tempfile::tempdir().unwrap();
         write_set(dir.path(), 5, true);
@@ -223,8 +268,8 @@ mod tests {
     #[test]
     fn debian_package_loads_when_installed() {
         let dir = PathBuf::from(crate::DEBIAN_FASHION_MNIST);
-        if !dir.join("t10k-labels-idx1-ubyte.gz").is_file() {
-            eprintln!("skipping: dataset-fashion-mnist is not installed");
+        let present = dir.join("t10k-labels-idx1-ubyte.gz").is_file();
+        if !crate::test_input("Debian's dataset-fashion-mnist", present) {
             return;
         }
         let s = load_fashion_mnist(&[dir]).unwrap();

@@ -60,6 +60,20 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + 
     }
 }
 
+/// Whether a test's input is present. Missing under CI (`CI` set) fails the
+/// test with the reason; elsewhere the test says it is skipped.
+#[cfg(test)]
+pub(crate) fn test_input(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+        panic!("missing test input under CI: {what}");
+    }
+    eprintln!("SKIPPED: {what} is not available");
+    false
+}
+
 /// A labelled image set held as raw pixels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSet {
@@ -110,6 +124,21 @@ impl ImageSet {
     }
 }
 
+fn fashion_dirs(data_dir: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = data_dir.map(|d| d.to_path_buf()).into_iter().collect();
+    if let Some(d) = data_dir {
+        dirs.push(d.join("fashion-mnist"));
+    }
+    dirs.push(PathBuf::from(DEBIAN_FASHION_MNIST));
+    dirs
+}
+
+fn cifar_dir(data_dir: Option<&Path>) -> PathBuf {
+    data_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("data"))
+}
+
 /// A train and a test split.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Splits {
@@ -152,23 +181,52 @@ impl DatasetSpec {
     /// falls back to [`DEBIAN_FASHION_MNIST`].
     pub fn load(&self, data_dir: Option<&Path>) -> Result<Splits, DataError> {
         match self {
-            DatasetSpec::FashionMnist => {
-                let mut dirs: Vec<PathBuf> =
-                    data_dir.map(|d| d.to_path_buf()).into_iter().collect();
-                if let Some(d) = data_dir {
-                    dirs.push(d.join("fashion-mnist"));
-                }
-                dirs.push(PathBuf::from(DEBIAN_FASHION_MNIST));
-                idx::load_fashion_mnist(&dirs)
-            }
+            DatasetSpec::FashionMnist => idx::load_fashion_mnist(&fashion_dirs(data_dir)),
             DatasetSpec::Cifar10 { download } => {
-                let dir = data_dir
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from("data"));
-                cifar::load_cifar10(&dir, download.as_ref())
+                cifar::load_cifar10(&cifar_dir(data_dir), download.as_ref())
             }
             DatasetSpec::Synthetic(spec) => spec.generate(),
         }
+    }
+
+    /// Checks, without decoding the images, that the data is there and can
+    /// be cut into `num_partitions` non-empty shards of both splits; returns
+    /// the sizes of the splits when they are known (CIFAR-10 still to be
+    /// downloaded is not).
+    pub fn check(
+        &self,
+        data_dir: Option<&Path>,
+        num_partitions: usize,
+    ) -> Result<Option<(usize, usize)>, DataError> {
+        let sizes = match self {
+            DatasetSpec::FashionMnist => Some(idx::count_fashion_mnist(&fashion_dirs(data_dir))?),
+            DatasetSpec::Cifar10 { download } => {
+                let dir = cifar_dir(data_dir);
+                match cifar::count_cifar10(&dir)? {
+                    Some(s) => Some(s),
+                    None if download.is_some() => None,
+                    None => {
+                        // Reports what is missing, as loading would.
+                        cifar::load_cifar10(&dir, None)?;
+                        None
+                    }
+                }
+            }
+            DatasetSpec::Synthetic(spec) => {
+                spec.validate()?;
+                Some((spec.train, spec.test))
+            }
+        };
+        if let Some((train, test)) = sizes {
+            for (split, len) in [("training", train), ("test", test)] {
+                if num_partitions > len {
+                    return Err(DataError::Partition(format!(
+                        "cannot split {len} {split} examples into {num_partitions} non-empty partitions"
+                    )));
+                }
+            }
+        }
+        Ok(sizes)
     }
 
     /// Loads both splits and keeps partition `id` of `num` (seeded, IID).

@@ -37,8 +37,8 @@ impl Default for SyntheticSpec {
 }
 
 impl SyntheticSpec {
-    /// Generates both splits (deterministic for a given spec).
-    pub fn generate(&self) -> Result<Splits, DataError> {
+    /// Checks the spec without generating anything; returns the image size.
+    pub fn validate(&self) -> Result<usize, DataError> {
         if !(2..=256).contains(&self.num_classes) {
             return Err(DataError::Synthetic(format!(
                 "num_classes must be in 2..=256, got {}",
@@ -51,7 +51,28 @@ impl SyntheticSpec {
                 self.shape, self.train, self.test
             )));
         }
-        let size: usize = self.shape.iter().product();
+        let size = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&size| {
+                self.train
+                    .checked_add(self.test)
+                    .and_then(|n| n.checked_mul(size))
+                    .is_some_and(|bytes| bytes <= isize::MAX as usize)
+            })
+            .ok_or_else(|| {
+                DataError::Synthetic(format!(
+                    "{} + {} images of shape {:?} do not fit in memory",
+                    self.train, self.test, self.shape
+                ))
+            })?;
+        Ok(size)
+    }
+
+    /// Generates both splits (deterministic for a given spec).
+    pub fn generate(&self) -> Result<Splits, DataError> {
+        let size = self.validate()?;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let prototypes: Vec<Vec<u8>> = (0..self.num_classes)
             .map(|_| (0..size).map(|_| rng.random::<u8>()).collect())
@@ -153,6 +174,16 @@ mod tests {
         .generate()
         .unwrap_err();
         assert!(e.to_string().contains("non-zero"), "{e}");
+        let huge = SyntheticSpec {
+            shape: [usize::MAX, 2, 1],
+            ..Default::default()
+        };
+        assert!(
+            huge.generate()
+                .unwrap_err()
+                .to_string()
+                .contains("do not fit")
+        );
         assert!(
             SyntheticSpec {
                 num_classes: 1,

@@ -1,7 +1,8 @@
 //! [`LearnerClient`]: a learner and its data partition as a federated client.
 
-use petal_client::{Client, ClientError};
-use petal_core::{Config, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Tensor};
+use petal_core::{
+    Client, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Tensor,
+};
 use petal_data::Splits;
 
 use crate::{Learner, MlError, TrainOptions};
@@ -24,14 +25,13 @@ impl<L: Learner> LearnerClient<L> {
     }
 
     fn parameters(&self) -> Result<Parameters, MlError> {
-        Ok(Parameters {
-            tensors: self
-                .learner
+        Ok(Parameters::new(
+            self.learner
                 .get_weights()?
                 .into_iter()
                 .map(|n| n.tensor)
                 .collect(),
-        })
+        ))
     }
 
     fn set(&mut self, p: &Parameters) -> Result<(), MlError> {
@@ -39,16 +39,16 @@ impl<L: Learner> LearnerClient<L> {
     }
 }
 
-fn err(e: MlError) -> ClientError {
-    ClientError::Learner(e.to_string())
+fn err(e: MlError) -> CoreError {
+    CoreError::Local(e.to_string())
 }
 
 impl<L: Learner> Client for LearnerClient<L> {
-    fn get_parameters(&mut self, _config: &Config) -> Result<Parameters, ClientError> {
+    fn get_parameters(&mut self, _config: &Config) -> Result<Parameters, CoreError> {
         self.parameters().map_err(err)
     }
 
-    fn fit(&mut self, ins: FitIns) -> Result<FitRes, ClientError> {
+    fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError> {
         let opts = self.defaults.with_config(&ins.config).map_err(err)?;
         self.set(&ins.parameters).map_err(err)?;
         let stats = self.learner.fit(&self.data.train, &opts).map_err(err)?;
@@ -59,7 +59,7 @@ impl<L: Learner> Client for LearnerClient<L> {
         })
     }
 
-    fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, ClientError> {
+    fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
         let opts = self.defaults.with_config(&ins.config).map_err(err)?;
         self.set(&ins.parameters).map_err(err)?;
         let stats = self

@@ -1,7 +1,7 @@
 //! Local training behind a small trait: a [`Learner`] exposes its weights as
 //! named `f32` tensors, trains on an [`ImageSet`] and evaluates on one
 //! (Flower's `NumPyClient`, minus the networking). [`LearnerClient`] turns
-//! any learner plus a data partition into a `petal_client::Client`.
+//! any learner plus a data partition into a `petal_core::Client`.
 //!
 //! The first backend is burn ([`burn_cnn::BurnCnn`]); another backend is a
 //! new implementation of [`Learner`], nothing else changes. The FL core never
@@ -14,6 +14,21 @@ pub use client::LearnerClient;
 
 use petal_core::{Config, CoreError, Tensor, config_f64};
 use petal_data::ImageSet;
+
+/// The seed CNN's tensors, in order, under PyTorch's `state_dict` names:
+/// every backend sends and receives them in this order and layout.
+pub const CNN_PARAMETER_NAMES: [&str; 10] = [
+    "conv1.weight",
+    "conv1.bias",
+    "conv2.weight",
+    "conv2.bias",
+    "fc1.weight",
+    "fc1.bias",
+    "fc2.weight",
+    "fc2.bias",
+    "fc3.weight",
+    "fc3.bias",
+];
 
 /// A tensor with a stable name (PyTorch-style, e.g. `conv1.weight`).
 #[derive(Debug, Clone, PartialEq)]

@@ -135,7 +135,8 @@ impl DType {
     fn read(self, c: &[u8], le: bool) -> f32 {
         macro_rules! num {
             ($t:ty) => {{
-                let a = c.try_into().expect("chunk width matches dtype");
+                let mut a = [0u8; std::mem::size_of::<$t>()];
+                a.copy_from_slice(c);
                 if le {
                     <$t>::from_le_bytes(a)
                 } else {
@@ -185,37 +186,160 @@ struct Header {
     shape: Vec<usize>,
 }
 
+/// A value of the Python dict literal NumPy writes as the header.
+#[derive(Debug, PartialEq)]
+enum Literal {
+    Str(String),
+    Bool(bool),
+    Tuple(Vec<usize>),
+}
+
+/// A strict reader of the header literal, e.g.
+/// `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`:
+/// string keys; values that are strings, booleans or tuples of sizes.
+/// Anything else (structured dtypes, nested lists, escapes) is refused.
+struct Lexer<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Lexer<'a> {
+    fn skip_ws(&mut self) {
+        self.rest = self.rest.trim_start();
+    }
+
+    fn eat(&mut self, c: char) -> bool {
+        self.skip_ws();
+        match self.rest.strip_prefix(c) {
+            Some(r) => {
+                self.rest = r;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn string(&mut self) -> Option<String> {
+        self.skip_ws();
+        let quote = self
+            .rest
+            .chars()
+            .next()
+            .filter(|&c| c == '\'' || c == '"')?;
+        let body = &self.rest[1..];
+        let end = body.find(quote)?;
+        let s = &body[..end];
+        if s.contains('\\') {
+            return None;
+        }
+        self.rest = &body[end + 1..];
+        Some(s.to_string())
+    }
+
+    fn value(&mut self) -> Result<Literal, String> {
+        self.skip_ws();
+        if self.rest.starts_with('\'') || self.rest.starts_with('"') {
+            return self
+                .string()
+                .map(Literal::Str)
+                .ok_or_else(|| "unterminated or escaped string".to_string());
+        }
+        for (word, v) in [("True", true), ("False", false)] {
+            if let Some(r) = self.rest.strip_prefix(word) {
+                self.rest = r;
+                return Ok(Literal::Bool(v));
+            }
+        }
+        if self.eat('(') {
+            let mut dims = Vec::new();
+            loop {
+                if self.eat(')') {
+                    return Ok(Literal::Tuple(dims));
+                }
+                self.skip_ws();
+                let digits = self
+                    .rest
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(self.rest.len());
+                if digits == 0 {
+                    return Err("a shape holds something other than sizes".into());
+                }
+                let d = self.rest[..digits]
+                    .parse::<usize>()
+                    .map_err(|_| format!("dimension {} is too large", &self.rest[..digits]))?;
+                self.rest = &self.rest[digits..];
+                self.eat('L');
+                dims.push(d);
+                if !self.eat(',') {
+                    if self.eat(')') {
+                        return Ok(Literal::Tuple(dims));
+                    }
+                    return Err("malformed shape tuple".into());
+                }
+            }
+        }
+        Err("unsupported value (structured or object dtypes are refused)".into())
+    }
+
+    /// The whole dict.
+    fn dict(mut self) -> Result<Vec<(String, Literal)>, String> {
+        if !self.eat('{') {
+            return Err("header is not a dict".into());
+        }
+        let mut entries = Vec::new();
+        loop {
+            if self.eat('}') {
+                break;
+            }
+            let key = self.string().ok_or("malformed key")?;
+            if !self.eat(':') {
+                return Err(format!("no ':' after '{key}'"));
+            }
+            let value = self.value().map_err(|e| format!("'{key}': {e}"))?;
+            entries.push((key, value));
+            if !self.eat(',') {
+                if self.eat('}') {
+                    break;
+                }
+                return Err("entries are not separated by commas".into());
+            }
+        }
+        if !self.rest.trim().is_empty() {
+            return Err("text after the dict".into());
+        }
+        Ok(entries)
+    }
+}
+
 impl Header {
-    /// Parses the Python dict literal NumPy writes, e.g.
-    /// `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`.
+    /// Parses the Python dict literal NumPy writes.
     fn parse(text: &str) -> Result<Header, ProtoError> {
         let bad = |msg: String| ProtoError::Npy(msg);
-        let value_after = |key: &str| -> Result<&str, ProtoError> {
-            let k1 = format!("'{key}'");
-            let k2 = format!("\"{key}\"");
-            let pos = text
-                .find(&k1)
-                .map(|p| p + k1.len())
-                .or_else(|| text.find(&k2).map(|p| p + k2.len()))
-                .ok_or_else(|| bad(format!("header has no '{key}' key: {text}")))?;
-            let rest = text[pos..].trim_start();
-            rest.strip_prefix(':')
-                .map(str::trim_start)
-                .ok_or_else(|| bad(format!("malformed '{key}' entry: {text}")))
+        let entries = Lexer { rest: text }
+            .dict()
+            .map_err(|e| bad(format!("malformed header: {e}")))?;
+        let get = |key: &str| {
+            entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)
+                .ok_or_else(|| bad(format!("header has no '{key}' key")))
         };
-        let descr_raw = value_after("descr")?;
-        let quote = descr_raw.chars().next().unwrap_or(' ');
-        if quote != '\'' && quote != '"' {
-            return Err(bad(format!(
-                "unsupported dtype description (structured or object arrays are refused): {text}"
-            )));
-        }
-        let descr: String = descr_raw[1..].chars().take_while(|&c| c != quote).collect();
-        let (order, code) = descr.split_at(descr.len().min(1));
+        let Literal::Str(descr) = get("descr")? else {
+            return Err(bad("'descr' is not a string".into()));
+        };
+        let Literal::Bool(fortran_order) = *get("fortran_order")? else {
+            return Err(bad("'fortran_order' is not True or False".into()));
+        };
+        let Literal::Tuple(shape) = get("shape")? else {
+            return Err(bad("'shape' is not a tuple".into()));
+        };
+        let mut chars = descr.chars();
+        let order = chars.next();
+        let code = chars.as_str();
         let little_endian = match order {
-            "<" | "|" | "=" => true,
-            ">" => false,
-            _ => return Err(bad(format!("unsupported dtype '{descr}'"))),
+            Some('<' | '|' | '=') => true,
+            Some('>') => false,
+            _ => return Err(bad(format!("unsupported dtype {descr:?}"))),
         };
         let dtype = match code {
             "f2" => DType::F16,
@@ -235,37 +359,14 @@ impl Header {
                     "object (pickled) arrays are refused: they could run code".into(),
                 ));
             }
-            _ => return Err(bad(format!("unsupported dtype '{descr}'"))),
+            _ => return Err(bad(format!("unsupported dtype {descr:?}"))),
         };
-        let fortran = value_after("fortran_order")?;
-        let fortran_order = if fortran.starts_with("True") {
-            true
-        } else if fortran.starts_with("False") {
-            false
-        } else {
-            return Err(bad(format!("malformed 'fortran_order': {text}")));
-        };
-        let shape_raw = value_after("shape")?;
-        let inner = shape_raw
-            .strip_prefix('(')
-            .and_then(|s| s.split(')').next())
-            .ok_or_else(|| bad(format!("malformed 'shape': {text}")))?;
-        let shape = inner
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.trim_end_matches('L')
-                    .parse::<usize>()
-                    .map_err(|_| bad(format!("malformed dimension '{s}' in shape")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Header {
-            descr,
+            descr: descr.clone(),
             dtype,
             little_endian,
             fortran_order,
-            shape,
+            shape: shape.clone(),
         })
     }
 }
@@ -357,6 +458,84 @@ mod tests {
         let err = decode(&full[..full.len() - 1]).unwrap_err().to_string();
         assert!(err.contains("needs 24 data bytes, found 23"), "{err}");
         assert!(decode(b"not numpy").is_err());
+    }
+
+    fn with_header(header: &str, body: &[u8]) -> Vec<u8> {
+        let mut v = b"\x93NUMPY\x01\x00".to_vec();
+        v.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_not_panics() {
+        let cases = [
+            (
+                "{'descr': 'é<f4', 'fortran_order': False, 'shape': (1,), }",
+                "unsupported dtype",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551615, 2), }",
+                "overflows",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999,), }",
+                "too large",
+            ),
+            (
+                "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }",
+                "refused",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': Maybe, 'shape': (1,), }",
+                "unsupported value",
+            ),
+            ("{'descr': '<f4', 'shape': (1,), }", "no 'fortran_order'"),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 'x'), }",
+                "other than sizes",
+            ),
+            (
+                "{'descr': '<f4\\', 'fortran_order': False, 'shape': (1,), }",
+                "escaped",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), } junk",
+                "after the dict",
+            ),
+            ("{'descr' '<f4'}", "no ':'"),
+            ("", "not a dict"),
+            ("{'descr': '", "unterminated"),
+            (
+                "{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }",
+                "unsupported dtype",
+            ),
+        ];
+        for (header, needle) in cases {
+            let e = decode(&with_header(header, &[0; 4]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{header}: {e}");
+        }
+        // Version 2 header length past the end; invalid UTF-8.
+        let mut v = b"\x93NUMPY\x02\x00\xff\xff\xff\xff".to_vec();
+        assert!(decode(&v).is_err());
+        v = with_header("\u{0}", &[]);
+        let n = v.len();
+        v[n - 1] = 0xff;
+        assert!(decode(&v).is_err());
+    }
+
+    #[test]
+    fn header_spellings_numpy_may_write() {
+        let h = "{\"descr\": \"<i2\", \"fortran_order\": False, \"shape\": (2L,)}";
+        let a = decode(&with_header(h, &[1, 0, 0xff, 0xff])).unwrap();
+        assert_eq!((a.shape, a.data), (vec![2], vec![1.0, -1.0]));
+        let h = "{'shape': (), 'fortran_order': True, 'descr': '|b1'}";
+        assert_eq!(decode(&with_header(h, &[1])).unwrap().data, vec![1.0]);
+        let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }";
+        assert_eq!(decode(&with_header(h, &[])).unwrap().shape, vec![0, 3]);
     }
 
     #[test]

@@ -1,20 +1,34 @@
 //! Conversions between wire messages and `petal-core` types (Flower's
 //! `common/serde.py`).
 
+use bytes::Bytes;
 use petal_core::{Config, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Tensor};
 use std::sync::Arc;
 
 use crate::flwr::{self, client_message as cm, scalar, server_message as sm};
 use crate::{ProtoError, TENSOR_TYPE_NUMPY, npy};
 
-/// Encodes parameters as `.npy` tensors.
+/// The `.npy` encoding of every tensor of a [`Parameters`], cached in it so
+/// that the messages to every client share one copy.
+pub struct NpyTensors(pub Vec<Bytes>);
+
+/// The `.npy` bytes of `p`'s tensors, encoded the first time they are asked for.
+pub fn npy_tensors(p: &Parameters) -> Arc<NpyTensors> {
+    p.encoded(|p| {
+        NpyTensors(
+            p.tensors
+                .iter()
+                .map(|t| Bytes::from(npy::encode_f32(&t.shape, &t.data)))
+                .collect(),
+        )
+    })
+}
+
+/// Encodes parameters as `.npy` tensors (once per [`Parameters`]; later
+/// calls share the bytes).
 pub fn parameters_to_proto(p: &Parameters) -> flwr::Parameters {
     flwr::Parameters {
-        tensors: p
-            .tensors
-            .iter()
-            .map(|t| npy::encode_f32(&t.shape, &t.data))
-            .collect(),
+        tensors: npy_tensors(p).0.clone(),
         tensor_type: TENSOR_TYPE_NUMPY.to_string(),
     }
 }
@@ -36,7 +50,7 @@ pub fn parameters_from_proto(p: &flwr::Parameters) -> Result<Parameters, ProtoEr
             Ok(Tensor::new(a.shape, a.data)?)
         })
         .collect::<Result<_, ProtoError>>()?;
-    Ok(Parameters { tensors })
+    Ok(Parameters::new(tensors))
 }
 
 /// Converts a core scalar to the wire.
@@ -47,7 +61,7 @@ pub fn scalar_to_proto(s: &Scalar) -> flwr::Scalar {
         Scalar::U64(u) => scalar::Scalar::Uint64(*u),
         Scalar::Double(d) => scalar::Scalar::Double(*d),
         Scalar::Str(s) => scalar::Scalar::String(s.clone()),
-        Scalar::Bytes(b) => scalar::Scalar::Bytes(b.clone()),
+        Scalar::Bytes(b) => scalar::Scalar::Bytes(Bytes::from(b.clone())),
     };
     flwr::Scalar { scalar: Some(v) }
 }
@@ -59,7 +73,7 @@ fn scalar_from_proto(s: &flwr::Scalar) -> Option<Scalar> {
         scalar::Scalar::Uint64(u) => Scalar::U64(*u),
         scalar::Scalar::Double(d) => Scalar::Double(*d),
         scalar::Scalar::String(s) => Scalar::Str(s.clone()),
-        scalar::Scalar::Bytes(b) => Scalar::Bytes(b.clone()),
+        scalar::Scalar::Bytes(b) => Scalar::Bytes(b.to_vec()),
     })
 }
 
@@ -79,6 +93,11 @@ pub fn config_from_proto(c: &std::collections::HashMap<String, flwr::Scalar>) ->
 
 fn examples(n: i64) -> Result<u64, ProtoError> {
     u64::try_from(n).map_err(|_| ProtoError::NegativeExamples(n))
+}
+
+/// The wire count of a local result (saturating: no real data set is that large).
+fn wire_examples(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Server side: builds the wire fit instruction.
@@ -152,7 +171,7 @@ pub fn fit_res_to_proto(res: &FitRes) -> cm::FitRes {
     cm::FitRes {
         status: ok_status(),
         parameters: Some(parameters_to_proto(&res.parameters)),
-        num_examples: res.num_examples as i64,
+        num_examples: wire_examples(res.num_examples),
         metrics: config_to_proto(&res.metrics),
     }
 }
@@ -178,7 +197,7 @@ pub fn evaluate_res_to_proto(res: &EvaluateRes) -> cm::EvaluateRes {
     cm::EvaluateRes {
         status: ok_status(),
         loss: res.loss,
-        num_examples: res.num_examples as i64,
+        num_examples: wire_examples(res.num_examples),
         metrics: config_to_proto(&res.metrics),
     }
 }
@@ -210,9 +229,9 @@ mod tests {
     #[test]
     fn fit_round_trip() {
         let ins = FitIns {
-            parameters: Arc::new(Parameters {
-                tensors: vec![Tensor::new(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap()],
-            }),
+            parameters: Arc::new(Parameters::new(vec![
+                Tensor::new(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
+            ])),
             config: [
                 ("epochs".to_string(), Scalar::I64(2)),
                 ("lr".to_string(), Scalar::Double(0.01)),
@@ -239,15 +258,32 @@ mod tests {
     #[test]
     fn bad_tensor_names_its_index() {
         let p = flwr::Parameters {
-            tensors: vec![npy::encode_f32(&[1], &[1.0]), b"junk".to_vec()],
+            tensors: vec![
+                npy::encode_f32(&[1], &[1.0]).into(),
+                Bytes::from_static(b"junk"),
+            ],
             tensor_type: TENSOR_TYPE_NUMPY.into(),
         };
         let err = parameters_from_proto(&p).unwrap_err().to_string();
         assert!(err.starts_with("tensor 1:"), "{err}");
         let p = flwr::Parameters {
-            tensors: vec![vec![1]],
+            tensors: vec![Bytes::from_static(&[1])],
             tensor_type: "torch".into(),
         };
         assert!(parameters_from_proto(&p).is_err());
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_encoded_once_and_shared() {
+        let p = Parameters::new(vec![Tensor::new(vec![3], vec![1.0, 2.0, 3.0]).unwrap()]);
+        let a = parameters_to_proto(&p);
+        let b = parameters_to_proto(&p);
+        assert_eq!(a.tensors[0].as_ptr(), b.tensors[0].as_ptr(), "same buffer");
+        assert_eq!(parameters_from_proto(&a).unwrap(), p);
     }
 }

@@ -2,17 +2,19 @@
 //! and Flower clients connect, and exposes each connection to the
 //! transport-independent round loop of `petal-core` as a [`ClientProxy`].
 //!
-//! This crate holds no FL logic: it registers clients with a
-//! [`ClientManager`] and turns calls into request/response pairs on the stream.
+//! This crate holds no FL logic: it registers each `Join` stream with a
+//! [`Registry`] under a fresh [`NodeId`] and turns calls into
+//! request/response pairs on the stream. A client that breaks its stream,
+//! sends what was not asked for or misses a deadline is dropped: its
+//! stream is closed and it may join again as a new node.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use petal_core::{
-    ClientManager, ClientProxy, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes,
-    Parameters, ProxyFuture,
+    ClientProxy, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, NodeId, Parameters,
+    ProxyFuture, Registry,
 };
 use petal_proto::flwr::flower_service_server::{FlowerService, FlowerServiceServer};
 use petal_proto::flwr::{client_message as cm, server_message as sm};
@@ -33,6 +35,29 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Transport settings of the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest message accepted or sent; a bigger one from a client breaks
+    /// its stream (the client is dropped).
+    pub max_message_bytes: usize,
+    /// Interval of HTTP/2 keepalive pings to every client (`None`: off).
+    pub keepalive_interval: Option<Duration>,
+    /// A client that does not answer a ping within this is disconnected.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    /// Flower's message limit (512 MiB); a ping every 30 s, 20 s to answer.
+    fn default() -> Self {
+        ServerOptions {
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// A running gRPC server; dropping it does not stop it, call [`GrpcServer::shutdown`].
 pub struct GrpcServer {
     local_addr: SocketAddr,
@@ -42,23 +67,29 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     /// Binds `addr` (port 0 picks a free port) and serves `FlowerService`,
-    /// registering every joining client with `manager`.
-    pub async fn start(addr: SocketAddr, manager: Arc<ClientManager>) -> Result<Self, ServerError> {
+    /// registering every joining client with `registry`.
+    pub async fn start(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        options: ServerOptions,
+    ) -> Result<Self, ServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let service = FlowerServiceServer::new(Service {
-            manager,
-            next_id: AtomicU64::new(0),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = FlowerServiceServer::new(Service { registry })
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(options.keepalive_interval)
+                .http2_keepalive_timeout(Some(options.keepalive_timeout))
+                // Many clients may share one connection (one stream each).
+                .max_concurrent_streams(Some(1_000_000))
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
@@ -95,8 +126,7 @@ impl GrpcServer {
 }
 
 struct Service {
-    manager: Arc<ClientManager>,
-    next_id: AtomicU64,
+    registry: Arc<Registry>,
 }
 
 #[tonic::async_trait]
@@ -107,38 +137,33 @@ impl FlowerService for Service {
         &self,
         request: Request<Streaming<ClientMessage>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cid = match request.remote_addr() {
-            Some(SocketAddr::V4(a)) => format!("ipv4:{a}"),
-            Some(SocketAddr::V6(a)) => format!("ipv6:{a}"),
-            None => format!("client-{id}"),
-        };
+        let node = self.registry.next_node_id();
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
-        let proxy = Arc::new(GrpcClientProxy {
-            cid: cid.clone(),
-            manager: Arc::downgrade(&self.manager),
+        self.registry.register(Arc::new(GrpcClientProxy {
+            node,
+            registry: Arc::downgrade(&self.registry),
             bridge: Mutex::new(Bridge {
                 tx: Some(tx),
                 rx: inbound,
             }),
-        });
-        if !self.manager.register(proxy) {
-            return Err(Status::already_exists(format!(
-                "client {cid} already connected"
-            )));
-        }
-        tracing::info!(%cid, "client joined");
+        }));
+        tracing::info!(%node, %peer, "client joined");
         // Unregister as soon as the client goes away, even while idle:
-        // tonic drops the response stream when the connection ends.
-        let manager = Arc::downgrade(&self.manager);
+        // tonic drops the response stream when the connection ends. Ids are
+        // never reused, so this cannot remove a newer client.
+        let registry = Arc::downgrade(&self.registry);
         Ok(Response::new(JoinStream {
             inner: ReceiverStream::new(rx),
             on_drop: Some(Box::new(move || {
-                if let Some(m) = manager.upgrade() {
-                    m.unregister(&cid);
+                if let Some(r) = registry.upgrade()
+                    && r.unregister(node)
+                {
+                    tracing::info!(%node, "client left");
                 }
-                tracing::info!(%cid, "client left");
             })),
         }))
     }
@@ -179,15 +204,15 @@ struct Bridge {
 /// One connected gRPC client: each call sends one [`ServerMessage`] and
 /// waits for the matching [`ClientMessage`].
 struct GrpcClientProxy {
-    cid: String,
-    manager: std::sync::Weak<ClientManager>,
+    node: NodeId,
+    registry: std::sync::Weak<Registry>,
     bridge: Mutex<Bridge>,
 }
 
 impl GrpcClientProxy {
     fn error(&self, reason: impl Into<String>) -> CoreError {
         CoreError::Client {
-            cid: self.cid.clone(),
+            node: self.node,
             reason: reason.into(),
         }
     }
@@ -215,18 +240,24 @@ impl GrpcClientProxy {
             None => exchange.await,
         };
         result.map_err(|reason| {
+            // Close our half: the client sees the stream end and may rejoin.
+            bridge.tx = None;
             self.drop_client();
             self.error(reason)
         })
     }
 
     fn drop_client(&self) {
-        if let Some(m) = self.manager.upgrade() {
-            m.unregister(&self.cid);
+        if let Some(r) = self.registry.upgrade()
+            && r.unregister(self.node)
+        {
+            tracing::info!(node = %self.node, "client dropped");
         }
     }
 
-    fn unexpected(&self, got: &cm::Msg, wanted: &str) -> CoreError {
+    /// A reply of the wrong kind: the stream is out of step, drop the client.
+    async fn unexpected(&self, got: &cm::Msg, wanted: &str) -> CoreError {
+        self.bridge.lock().await.tx = None;
         self.drop_client();
         let name = match got {
             cm::Msg::DisconnectRes(_) => "disconnect_res",
@@ -244,8 +275,8 @@ impl GrpcClientProxy {
 }
 
 impl ClientProxy for GrpcClientProxy {
-    fn cid(&self) -> &str {
-        &self.cid
+    fn node_id(&self) -> NodeId {
+        self.node
     }
 
     fn get_parameters(
@@ -268,7 +299,7 @@ impl ClientProxy for GrpcClientProxy {
                         .ok_or_else(|| self.error("get_parameters_res has no parameters"))?;
                     self.decode(wire::parameters_from_proto(p))
                 }
-                other => Err(self.unexpected(&other, "get_parameters_res")),
+                other => Err(self.unexpected(&other, "get_parameters_res").await),
             }
         })
     }
@@ -279,7 +310,7 @@ impl ClientProxy for GrpcClientProxy {
             drop(ins);
             match self.call(msg, timeout).await? {
                 cm::Msg::FitRes(res) => self.decode(wire::fit_res_from_proto(&res)),
-                other => Err(self.unexpected(&other, "fit_res")),
+                other => Err(self.unexpected(&other, "fit_res").await),
             }
         })
     }
@@ -294,7 +325,7 @@ impl ClientProxy for GrpcClientProxy {
             drop(ins);
             match self.call(msg, timeout).await? {
                 cm::Msg::EvaluateRes(res) => self.decode(wire::evaluate_res_from_proto(&res)),
-                other => Err(self.unexpected(&other, "evaluate_res")),
+                other => Err(self.unexpected(&other, "evaluate_res").await),
             }
         })
     }
@@ -312,7 +343,7 @@ impl ClientProxy for GrpcClientProxy {
             self.drop_client();
             match reply? {
                 cm::Msg::DisconnectRes(_) => Ok(()),
-                other => Err(self.unexpected(&other, "disconnect_res")),
+                other => Err(self.unexpected(&other, "disconnect_res").await),
             }
         })
     }

@@ -1,14 +1,20 @@
-//! Flags shared by several subcommands; each knob has one home here.
+//! Flags shared by several subcommands; each knob has one home here. The
+//! learner's settings are also serializable: `petal run` hands them to its
+//! client processes and a client to its workers as one JSON document
+//! (`--learner-config`), never as flags rebuilt by hand.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use petal_data::{DatasetSpec, SyntheticSpec};
 use petal_ml::TrainOptions;
 use petal_ml::burn_cnn::DeviceKind;
+use serde::{Deserialize, Serialize};
 
 /// Which data a client trains on.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct DataArgs {
     /// Data set: fashion-mnist, cifar10 or synthetic.
     #[arg(long, default_value = "fashion-mnist")]
@@ -44,6 +50,11 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
         .map_err(|_| format!("'{s}' needs three dimensions, like 3x32x32"))
 }
 
+fn parse_device(s: &str) -> Result<String, String> {
+    s.parse::<DeviceKind>()?;
+    Ok(s.to_string())
+}
+
 impl DataArgs {
     /// The data set these flags describe (validates the name).
     pub fn spec(&self) -> Result<DatasetSpec, petal_data::DataError> {
@@ -56,34 +67,10 @@ impl DataArgs {
         };
         DatasetSpec::from_name(&self.dataset, self.download, synthetic)
     }
-
-    /// The same flags as command-line arguments (for worker processes).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--dataset".into(),
-            self.dataset.clone(),
-            "--synthetic-shape".into(),
-            self.synthetic_shape.map(|d| d.to_string()).join("x"),
-            "--synthetic-train".into(),
-            self.synthetic_train.to_string(),
-            "--synthetic-test".into(),
-            self.synthetic_test.to_string(),
-            "--data-seed".into(),
-            self.data_seed.to_string(),
-        ];
-        if let Some(d) = &self.data_dir {
-            v.push("--data-dir".into());
-            v.push(d.display().to_string());
-        }
-        if self.download {
-            v.push("--download".into());
-        }
-        v
-    }
 }
 
 /// Local training hyper-parameters (the server's fit config overrides them).
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct TrainArgs {
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
@@ -110,24 +97,10 @@ impl TrainArgs {
             seed,
         }
     }
-
-    /// The same flags as command-line arguments.
-    pub fn to_args(&self) -> Vec<String> {
-        vec![
-            "--epochs".into(),
-            self.epochs.to_string(),
-            "--lr".into(),
-            self.lr.to_string(),
-            "--momentum".into(),
-            self.momentum.to_string(),
-            "--batch-size".into(),
-            self.batch_size.to_string(),
-        ]
-    }
 }
 
 /// Which partition of the data a client holds, and the model it trains.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct LearnerArgs {
     #[command(flatten)]
     pub data: DataArgs,
@@ -140,62 +113,66 @@ pub struct LearnerArgs {
     #[arg(long, default_value_t = 1)]
     pub num_partitions: usize,
     /// Device: cpu (burn flex), cuda or cuda:N (needs the cuda feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceKind,
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: String,
     /// Seed of model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// File holding this partition, decoded (written by the first worker,
     /// read by the next ones); set by `petal client` for its workers.
-    #[arg(long, hide = true)]
+    #[arg(skip)]
     pub partition_cache: Option<PathBuf>,
 }
 
 impl LearnerArgs {
-    /// The same flags as command-line arguments.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = self.data.to_args();
-        v.extend(self.train.to_args());
-        let device = match self.device {
-            DeviceKind::Flex => "cpu".to_string(),
-            DeviceKind::Cuda(n) => format!("cuda:{n}"),
-        };
-        v.extend([
-            "--partition-id".into(),
-            self.partition_id.to_string(),
-            "--num-partitions".into(),
-            self.num_partitions.to_string(),
-            "--device".into(),
-            device,
-            "--seed".into(),
-            self.seed.to_string(),
-        ]);
-        if let Some(p) = &self.partition_cache {
-            v.push("--partition-cache".into());
-            v.push(p.display().to_string());
-        }
-        v
+    /// The device, already validated by the flag parser.
+    pub fn device(&self) -> anyhow::Result<DeviceKind> {
+        self.device.parse().map_err(|e: String| anyhow::anyhow!(e))
+    }
+
+    /// These settings as one JSON document (for `--learner-config`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Settings from [`LearnerArgs::to_json`].
+    pub fn from_json(json: &str) -> anyhow::Result<Self> {
+        serde_json::from_str(json).context("invalid --learner-config")
     }
 }
 
-/// Round settings shared by `petal server` and `petal run`.
+/// Round and output settings shared by `petal server` and `petal run`.
 #[derive(Args, Debug, Clone)]
 pub struct RoundArgs {
-    /// Number of rounds.
+    /// Number of rounds (skipped rounds count).
     #[arg(long, default_value_t = 3)]
     pub rounds: u64,
     /// Fraction of connected clients that evaluate each round (0 disables).
     #[arg(long, default_value_t = 1.0)]
     pub fraction_evaluate: f64,
-    /// Seconds a client may take for one fit or evaluate before it counts as failed.
+    /// Seconds one fit, evaluate or get_parameters call may take before it
+    /// counts as failed and the client is dropped (0: no limit).
+    #[arg(long, default_value_t = 1800.0)]
+    pub call_timeout: f64,
+    /// Stop with an error after this many skipped rounds in a row (default: never).
     #[arg(long)]
-    pub round_timeout: Option<f64>,
+    pub max_skipped_rounds: Option<u64>,
+    /// Calls in flight at once in one step; the others wait their turn.
+    #[arg(long, default_value_t = petal_core::round::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
     /// Seed of client sampling.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,
-    /// Write the run's history as JSON to this file.
+    /// Folder for history.json, history.csv and checkpoint.safetensors
+    /// (default: runs/<UTC date and time>).
     #[arg(long)]
-    pub history: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    /// Continue the run saved in this folder at its next round.
+    #[arg(long, conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+    /// Largest message accepted from a client, in MiB (a bigger one drops the client).
+    #[arg(long, default_value_t = 512)]
+    pub max_message_mb: usize,
 }
 
 /// Server-side federation settings.
@@ -203,13 +180,25 @@ pub struct RoundArgs {
 pub struct FederationArgs {
     #[command(flatten)]
     pub round: RoundArgs,
-    /// Clients that must be connected before each round.
+    /// Clients that must be connected before each step.
     #[arg(long, default_value_t = 2)]
     pub min_available_clients: usize,
     /// Clients sampled to train each round.
     #[arg(long, default_value_t = 2)]
     pub fit_clients: usize,
-    /// Seconds to wait for enough clients before giving up (default: forever).
+    /// Seconds a step waits for enough clients before the round is skipped
+    /// (default: forever).
     #[arg(long)]
     pub wait_timeout: Option<f64>,
+}
+
+/// Seconds as a duration; `None` for `None`, and for 0 when `zero_is_none`.
+pub fn secs(s: Option<f64>, zero_is_none: bool) -> anyhow::Result<Option<Duration>> {
+    match s {
+        None => Ok(None),
+        Some(v) if zero_is_none && v == 0.0 => Ok(None),
+        Some(v) => Duration::try_from_secs_f64(v)
+            .map(Some)
+            .with_context(|| format!("invalid duration {v} s")),
+    }
 }

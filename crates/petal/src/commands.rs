@@ -1,26 +1,28 @@
 //! The subcommands: wiring of the library crates, nothing more.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use petal_client::isolation::{SubprocessClient, serve_worker};
-use petal_client::{ClientError, ConnectOptions, run_client};
+use petal_client::{ConnectOptions, run_client};
 use petal_core::{
-    ClientManager, Config, FedAvg, FedAvgConfig, History, RunConfig, Scalar, run_federation,
+    Config, CoreError, FedAvg, FedAvgConfig, History, Registry, RunConfig, RunDir, RunStatus,
+    Scalar, run_federation,
 };
 use petal_data::Splits;
-use petal_ml::LearnerClient;
 use petal_ml::burn_cnn::BurnCnn;
-use petal_server::GrpcServer;
+use petal_ml::{CNN_PARAMETER_NAMES, LearnerClient};
+use petal_server::{GrpcServer, ServerOptions};
 
-use crate::args::{FederationArgs, LearnerArgs, TrainArgs};
+use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs, secs};
 use crate::{ClientArgs, Isolation, RunArgs, ServerArgs};
 
-fn secs(s: Option<f64>) -> anyhow::Result<Option<Duration>> {
-    s.map(|v| Duration::try_from_secs_f64(v).with_context(|| format!("invalid duration {v} s")))
-        .transpose()
-}
+/// The run was stopped by Ctrl-C or SIGTERM (exit status 130).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; the history of the rounds played is in {0}")]
+pub struct Interrupted(pub String);
 
 fn fit_config(train: &TrainArgs) -> Config {
     [
@@ -35,17 +37,118 @@ fn fit_config(train: &TrainArgs) -> Config {
     .into()
 }
 
+fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
+    let max_message_bytes = round
+        .max_message_mb
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .context("--max-message-mb must be between 1 and a few thousand")?;
+    Ok(ServerOptions {
+        max_message_bytes,
+        ..ServerOptions::default()
+    })
+}
+
 /// `petal server`: serve until the federation completes; returns its history.
 pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
-    let manager = Arc::new(ClientManager::new(args.federation.round.sample_seed));
-    let grpc = GrpcServer::start(args.address, manager.clone()).await?;
-    let history = federate(&manager, &args.federation, &args.train).await;
+    let registry = Arc::new(Registry::new());
+    let options = server_options(&args.federation.round)?;
+    let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
+    let (run_dir, resume) = open_run_dir(&args.federation.round)?;
+    let history = federate(&registry, &run_dir, resume, &args.federation, &args.train).await;
     grpc.shutdown(Duration::from_secs(3)).await?;
     history
 }
 
+/// `runs/<UTC date and time>`, made unique with a suffix if needed.
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let stamp = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    let base = Path::new("runs").join(&stamp);
+    let mut dir = base.clone();
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = Path::new("runs").join(format!("{stamp}-{n}"));
+    }
+    dir
+}
+
+/// The run folder: the one to resume, the one asked for, or a new default.
+fn open_run_dir(round: &RoundArgs) -> anyhow::Result<(RunDir, Option<petal_core::Resume>)> {
+    if let Some(dir) = &round.resume {
+        let (run, resume) = RunDir::resume(dir)?;
+        if resume.checkpoint.round >= round.rounds {
+            bail!(
+                "{} already holds {} rounds; pass --rounds N with N > {} to play more",
+                dir.display(),
+                resume.checkpoint.round,
+                resume.checkpoint.round
+            );
+        }
+        return Ok((run, Some(resume)));
+    }
+    let dir = match &round.out {
+        Some(d) => d.clone(),
+        None => {
+            let d = default_run_dir();
+            #[cfg(unix)]
+            {
+                let latest = Path::new("runs").join("latest");
+                std::fs::create_dir_all("runs").ok();
+                let _ = std::fs::remove_file(&latest);
+                if let Some(name) = d.file_name() {
+                    let _ = std::os::unix::fs::symlink(name, &latest);
+                }
+            }
+            d
+        }
+    };
+    Ok((RunDir::create(&dir)?, None))
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 async fn federate(
-    manager: &ClientManager,
+    registry: &Registry,
+    run_dir: &RunDir,
+    resume: Option<petal_core::Resume>,
     fed: &FederationArgs,
     train: &TrainArgs,
 ) -> anyhow::Result<History> {
@@ -56,31 +159,47 @@ async fn federate(
         fraction_evaluate: fed.round.fraction_evaluate,
         evaluate_config: [("batch_size".to_string(), fc["batch_size"].clone())].into(),
         fit_config: fc,
-        initial_parameters: None,
+        ..Default::default()
     })?;
     let config = RunConfig {
         num_rounds: fed.round.rounds,
-        round_timeout: secs(fed.round.round_timeout)?,
-        wait_timeout: secs(fed.wait_timeout)?,
+        call_timeout: secs(Some(fed.round.call_timeout), true)?,
+        wait_timeout: secs(fed.wait_timeout, false)?,
+        max_skipped_rounds: fed.round.max_skipped_rounds,
+        max_in_flight: fed.round.max_in_flight,
+        sample_seed: fed.round.sample_seed,
+        parameter_names: Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect()),
     };
     tracing::info!(
-        "FedAvg for {} rounds: {} clients trained per round, {} must be connected",
+        "FedAvg for {} rounds: {} clients trained per round, {} must be connected; results in {}",
         fed.round.rounds,
         fed.fit_clients,
-        fed.min_available_clients
+        fed.min_available_clients,
+        run_dir.path().display()
     );
-    let history = run_federation(manager, &mut strategy, &config).await?;
-    eprint!("{}", history.summary());
-    if let Some(path) = &fed.round.history {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let outcome = tokio::select! {
+        r = run_federation(registry, &mut strategy, &config, resume, run_dir) => Some(r),
+        _ = shutdown_signal() => None,
+    };
+    let dir = run_dir.path().display().to_string();
+    match outcome {
+        None => {
+            let h = run_dir.finish(RunStatus::Interrupted)?;
+            eprint!("{}", h.summary());
+            Err(Interrupted(dir).into())
         }
-        let json = serde_json::to_string_pretty(&history)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing history to {}", path.display()))?;
-        tracing::info!("history written to {}", path.display());
+        Some(Err(e)) => {
+            let h = run_dir.finish(RunStatus::Failed(e.to_string()))?;
+            eprint!("{}", h.summary());
+            Err(anyhow::Error::from(e).context(format!("the run failed (history in {dir})")))
+        }
+        Some(Ok(_)) => {
+            let h = run_dir.finish(RunStatus::Completed)?;
+            eprint!("{}", h.summary());
+            tracing::info!("history and checkpoint written to {dir}");
+            Ok(h)
+        }
     }
-    Ok(history)
 }
 
 /// This client's partition: from the partition cache when one is set and
@@ -112,7 +231,7 @@ fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<BurnC
     let learner = BurnCnn::new(
         data.train.shape,
         data.train.num_classes,
-        args.device,
+        args.device()?,
         args.seed,
     )?;
     Ok(LearnerClient::new(
@@ -124,8 +243,16 @@ fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<BurnC
 
 /// `petal client`.
 pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
-    // Fail fast on flags that would only fail later in a worker.
-    args.learner.data.spec()?;
+    let learner = match &args.learner_config {
+        Some(json) => LearnerArgs::from_json(json)?,
+        None => args.learner.clone(),
+    };
+    // Fail fast on settings that would only fail later in a worker.
+    learner
+        .data
+        .spec()?
+        .check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
+    learner.device()?;
     let mut opts = ConnectOptions::new(&args.server);
     opts.max_attempts = args.connect_attempts;
     match args.isolation {
@@ -137,28 +264,32 @@ pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
                 .prefix("petal-client-")
                 .tempdir()
                 .context("creating the partition cache folder")?;
-            let mut learner = args.learner.clone();
+            let mut learner = learner;
             learner.partition_cache = Some(cache.path().join("partition.bin"));
-            let mut worker_args = vec!["worker".to_string()];
-            worker_args.extend(learner.to_args());
-            let worker =
-                SubprocessClient::new(exe, worker_args).with_timeout(secs(args.worker_timeout)?);
+            let worker_args = vec![
+                "worker".to_string(),
+                "--learner-config".to_string(),
+                learner.to_json(),
+            ];
+            let worker = SubprocessClient::new(exe, worker_args)
+                .with_timeout(secs(args.worker_timeout, false)?);
             run_client(&opts, worker).await?;
         }
         Isolation::None => {
-            let learner = tokio::task::block_in_place(|| load_learner_client(&args.learner))?;
-            run_client(&opts, learner).await?;
+            let client = tokio::task::block_in_place(|| load_learner_client(&learner))?;
+            run_client(&opts, client).await?;
         }
     }
     Ok(())
 }
 
 /// `petal worker`: one instruction on stdin, one reply on stdout.
-pub fn worker(args: &LearnerArgs) -> anyhow::Result<()> {
+pub fn worker(learner_config: &str) -> anyhow::Result<()> {
+    let args = LearnerArgs::from_json(learner_config)?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     serve_worker(&mut stdin.lock(), &mut stdout.lock(), || {
-        load_learner_client(args).map_err(|e| ClientError::Learner(format!("{e:#}")))
+        load_learner_client(&args).map_err(|e| CoreError::Local(format!("{e:#}")))
     })?;
     Ok(())
 }
@@ -185,16 +316,23 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if fit > min {
         bail!("--fit-clients {fit} is more than --min-clients {min}");
     }
-    args.learner.data.spec()?;
+    // Check the data once here rather than in every client process.
+    args.learner.device()?;
+    args.learner
+        .data
+        .spec()?
+        .check(args.learner.data.data_dir.as_deref(), args.clients)?;
 
     let fed = FederationArgs {
         round: args.round.clone(),
         min_available_clients: min,
         fit_clients: fit,
-        wait_timeout: Some(600.0),
+        wait_timeout: Some(args.wait_timeout),
     };
-    let manager = Arc::new(ClientManager::new(fed.round.sample_seed));
-    let grpc = GrpcServer::start(args.address, manager.clone()).await?;
+    let registry = Arc::new(Registry::new());
+    let grpc =
+        GrpcServer::start(args.address, registry.clone(), server_options(&fed.round)?).await?;
+    let (run_dir, resume) = open_run_dir(&fed.round)?;
     let addr = grpc.local_addr();
 
     let exe = std::env::current_exe().context("locating the petal executable")?;
@@ -215,7 +353,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
                     Isolation::None => "none",
                 },
             ])
-            .args(learner.to_args())
+            .args(["--learner-config", &learner.to_json()])
             .kill_on_drop(true);
         if let Some(t) = args.worker_timeout {
             cmd.args(["--worker-timeout", &t.to_string()]);
@@ -236,46 +374,72 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         args.clients
     );
 
-    // The federation ends the run; a client that dies first ends it too.
-    let federation = federate(&manager, &fed, &args.learner.train);
+    // A client process that dies is churn: the run goes on without it, and
+    // the death is reported when the run ends. When none is left, nothing
+    // can join any more and the run stops.
+    let mut died: Vec<String> = Vec::new();
+    let federation = federate(&registry, &run_dir, resume, &fed, &args.learner.train);
     tokio::pin!(federation);
     let history = loop {
         tokio::select! {
-            h = &mut federation => break h?,
+            h = &mut federation => break h,
             Some(joined) = children.join_next() => {
-                let (id, status) = joined.context("waiting for a client")?;
-                let status = status.with_context(|| format!("waiting for client {id}"))?;
-                if !status.success() {
-                    bail!("client {id} exited with {status} before the run finished");
+                // A client that exits 0 was told by the server that the run is over.
+                if let Ok((id, status)) = joined {
+                    let what = match status {
+                        Ok(s) if s.success() => continue,
+                        Ok(s) => s.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!("client {id} exited with {what} before the run finished");
+                    died.push(format!("client {id}: {what}"));
+                }
+                if children.is_empty() {
+                    let why = format!(
+                        "every client process exited before the run finished ({})",
+                        died.join(", ")
+                    );
+                    run_dir.finish(RunStatus::Failed(why.clone()))?;
+                    grpc.shutdown(Duration::from_secs(3)).await?;
+                    bail!(why);
                 }
             }
         }
     };
     // Clients leave once the server says goodbye.
     let drained = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut failed = Vec::new();
         while let Some(joined) = children.join_next().await {
             if let Ok((id, Ok(status))) = joined
                 && !status.success()
             {
-                failed.push(format!("client {id}: {status}"));
+                died.push(format!("client {id}: {status}"));
             }
         }
-        failed
     })
     .await;
     grpc.shutdown(Duration::from_secs(3)).await?;
-    match drained {
-        Ok(failed) if !failed.is_empty() => bail!("clients failed: {}", failed.join(", ")),
-        Ok(_) => {}
-        Err(_) => tracing::warn!("some clients did not exit within 30 s of the end of the run"),
+    let history = history?;
+    if drained.is_err() {
+        tracing::warn!("some clients did not exit within 30 s of the end of the run");
     }
-    if let Some(r) = history.rounds.iter().find(|r| r.fit_results == 0) {
-        bail!(
-            "round {} aggregated no training result: {}",
-            r.round,
-            r.failures.join("; ")
-        );
+    if !died.is_empty() {
+        bail!("client processes failed: {}", died.join(", "));
+    }
+    if let Some(r) = history
+        .rounds
+        .iter()
+        .find(|r| r.skipped.is_some() || r.fit_results == 0)
+    {
+        let why = match &r.skipped {
+            Some(s) => format!("skipped: {s}"),
+            None => r
+                .failures
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        bail!("round {} aggregated no training result ({why})", r.round);
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs};
+use crate::commands::Interrupted;
 
 /// Federated learning in Rust, compatible with Flower.
 #[derive(Parser, Debug)]
@@ -27,7 +28,15 @@ enum Command {
     Run(RunArgs),
     /// Answer one instruction from stdin (used by `--isolation subprocess`).
     #[command(hide = true)]
-    Worker(LearnerArgs),
+    Worker(WorkerArgs),
+}
+
+/// `petal worker` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// The learner's settings, as JSON (written by `petal client`).
+    #[arg(long)]
+    pub learner_config: String,
 }
 
 /// `petal server` flags.
@@ -68,6 +77,10 @@ pub struct ClientArgs {
     pub worker_timeout: Option<f64>,
     #[command(flatten)]
     pub learner: LearnerArgs,
+    /// All learner settings as one JSON document, replacing the learner
+    /// flags (how `petal run` configures its clients).
+    #[arg(long, hide = true)]
+    pub learner_config: Option<String>,
 }
 
 /// `petal run` flags.
@@ -91,6 +104,9 @@ pub struct RunArgs {
     /// Seconds after which a client's worker process is killed (its call fails).
     #[arg(long)]
     pub worker_timeout: Option<f64>,
+    /// Seconds a step waits for enough clients before the round is skipped.
+    #[arg(long, default_value_t = 600.0)]
+    pub wait_timeout: f64,
     #[command(flatten)]
     pub round: RoundArgs,
     #[command(flatten)]
@@ -108,7 +124,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Worker(args) => commands::worker(&args),
+        Command::Worker(args) => commands::worker(&args.learner_config),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -128,7 +144,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<Interrupted>().is_some() {
+                std::process::ExitCode::from(130)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,47 +1,38 @@
 //! Runs the real `petal` binary: federations over loopback gRPC and the
 //! errors users get for bad input.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use support::{history, require};
 
 /// Runs petal with a dead proxy in the environment: loopback gRPC must ignore it.
 fn petal(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_petal"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("http_proxy", "http://127.0.0.1:9")
-        .env("https_proxy", "http://127.0.0.1:9")
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .env("all_proxy", "http://127.0.0.1:9")
-        .output()
-        .expect("petal runs")
+    support::petal().args(args).output().expect("petal runs")
 }
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn history(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).expect("history file written");
-    serde_json::from_str(&text).expect("history is JSON")
-}
-
-/// Runs petal with `--history` into a temporary file; asserts success and returns the history.
+/// Runs petal with `--out` into a temporary folder; asserts success and
+/// returns the history.
 fn run_ok(args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let h = dir.path().join("history.json");
+    let out = dir.path().join("run");
     let mut all = args.to_vec();
-    all.extend(["--history", h.to_str().unwrap()]);
-    let out = petal(&all);
-    assert!(out.status.success(), "{}", stderr(&out));
-    history(&h)
+    all.extend(["--out", out.to_str().unwrap()]);
+    let o = petal(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let h = history(&out);
+    assert!(out.join("history.csv").is_file() && out.join("checkpoint.safetensors").is_file());
+    h
 }
 
-fn shared_cifar() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-subset");
-    p.join("cifar-10-batches-bin/test_batch.bin")
-        .is_file()
-        .then_some(p)
+fn shared_cifar() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-subset")
 }
 
 #[test]
@@ -65,8 +56,13 @@ fn three_clients_over_loopback_learn() {
     ]);
     let rounds = h["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
+    assert_eq!(h["status"], "completed");
     for r in rounds {
         assert_eq!(r["fit_results"], 2, "{r}");
+        assert!(
+            r["fit_metrics"]["train_loss"].as_f64().unwrap().is_finite(),
+            "{r}"
+        );
         assert_eq!(r["fit_failures"], 0, "{r}");
         assert_eq!(r["eval_results"], 3, "{r}");
     }
@@ -102,10 +98,11 @@ fn in_process_isolation_also_runs() {
 
 #[test]
 fn real_cifar10_subset_runs() {
-    let Some(root) = shared_cifar() else {
-        eprintln!("skipping: ../shared/data/cifar10-subset is not present");
+    let root = shared_cifar();
+    let present = root.join("cifar-10-batches-bin/test_batch.bin").is_file();
+    if !require("../shared/data/cifar10-subset", present) {
         return;
-    };
+    }
     let root = root.to_str().unwrap();
     let h = run_ok(&[
         "run",
@@ -215,8 +212,7 @@ fn bad_flags_are_refused() {
 #[test]
 fn fashion_mnist_two_clients_learn_in_one_round() {
     let debian = Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz");
-    if !debian.is_file() {
-        eprintln!("skipping: dataset-fashion-mnist is not installed");
+    if !require("Debian's dataset-fashion-mnist", debian.is_file()) {
         return;
     }
     let h = run_ok(&[

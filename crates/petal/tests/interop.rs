@@ -2,21 +2,23 @@
 //!
 //! The first test to need it creates a venv under `target/flwr-venv` (or
 //! uses `$PETAL_FLWR_PYTHON`), installing flwr from the package index.
-//! Set `PETAL_SKIP_INTEROP=1` to skip these tests on machines without one.
+//! Set `PETAL_SKIP_INTEROP=1` to skip these tests on machines without
+//! access to PyPI (refused under CI, where they must run).
+
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use support::wait;
 
 const FLWR: &str = "flwr==1.41.0";
 
 fn skip() -> bool {
-    if std::env::var_os("PETAL_SKIP_INTEROP").is_some() {
-        eprintln!("skipping: PETAL_SKIP_INTEROP is set");
-        return true;
-    }
-    false
+    let skip = std::env::var_os("PETAL_SKIP_INTEROP").is_some();
+    !support::require("the flwr venv (PETAL_SKIP_INTEROP is set)", !skip)
 }
 
 fn script(name: &str) -> PathBuf {
@@ -74,29 +76,6 @@ fn no_proxy(mut c: Command) -> Command {
     c
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits for `child` with a deadline, killing it if it overruns.
-fn wait(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn npy_bytes_match_numpy() {
     if skip() {
@@ -150,7 +129,7 @@ fn flower_numpy_clients_join_a_petal_server() {
     }
     let py = python();
     let dir = tempfile::tempdir().unwrap();
-    let h = dir.path().join("history.json");
+    let out = dir.path().join("run");
     let mut server = Command::new(env!("CARGO_BIN_EXE_petal"))
         .args(["server", "--address", "127.0.0.1:0", "--rounds", "2"])
         .args([
@@ -161,7 +140,7 @@ fn flower_numpy_clients_join_a_petal_server() {
             "--wait-timeout",
             "120",
         ])
-        .args(["--history", h.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -202,18 +181,18 @@ fn flower_numpy_clients_join_a_petal_server() {
         assert!(s.success(), "flower client {i} failed");
     }
 
-    let out = Command::new(&py)
+    let check = Command::new(&py)
         .arg(script("check_fedavg.py"))
         .args(&logs)
         .output()
         .unwrap();
     assert!(
-        out.status.success(),
+        check.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&check.stderr)
     );
 
-    let h: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&h).unwrap()).unwrap();
+    let h = support::history(&out);
     let r = &h["rounds"][1];
     assert_eq!(
         (r["fit_results"].as_u64(), r["eval_results"].as_u64()),
@@ -235,7 +214,7 @@ fn petal_clients_join_a_flower_server() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path().join("flower_history.json");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", support::free_port());
     let mut server = no_proxy(Command::new(&py))
         .arg(script("flower_server.py"))
         .args([&addr, "2", h.to_str().unwrap()])
