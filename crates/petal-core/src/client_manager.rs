@@ -119,7 +119,11 @@ impl Registry {
         let node = client.node_id();
         clients.insert(node, client);
         self.count.send_replace(clients.len());
-        tracing::debug!(%node, connected = clients.len(), "client registered");
+        tracing::debug!(
+            node = node.0,
+            connected = clients.len(),
+            "client registered"
+        );
     }
 
     /// Removes a client (it left or was dropped); unknown ids are ignored.
@@ -128,7 +132,11 @@ impl Registry {
         let removed = clients.remove(&node).is_some();
         if removed {
             self.count.send_replace(clients.len());
-            tracing::debug!(%node, connected = clients.len(), "client unregistered");
+            tracing::debug!(
+                node = node.0,
+                connected = clients.len(),
+                "client unregistered"
+            );
         }
         removed
     }
@@ -160,7 +168,7 @@ impl ClientManager for Registry {
 
     fn drop_client(&self, node: NodeId) {
         if self.unregister(node) {
-            tracing::info!(%node, "client dropped by the server");
+            tracing::info!(node = node.0, "client dropped by the server");
         }
     }
 }

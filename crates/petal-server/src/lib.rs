@@ -151,7 +151,7 @@ impl FlowerService for Service {
                 rx: inbound,
             }),
         }));
-        tracing::info!(%node, %peer, "client joined");
+        tracing::info!(node = node.0, %peer, "client joined");
         // Unregister as soon as the client goes away, even while idle:
         // tonic drops the response stream when the connection ends. Ids are
         // never reused, so this cannot remove a newer client.
@@ -162,7 +162,7 @@ impl FlowerService for Service {
                 if let Some(r) = registry.upgrade()
                     && r.unregister(node)
                 {
-                    tracing::info!(%node, "client left");
+                    tracing::info!(node = node.0, "client left");
                 }
             })),
         }))
@@ -251,7 +251,7 @@ impl GrpcClientProxy {
         if let Some(r) = self.registry.upgrade()
             && r.unregister(self.node)
         {
-            tracing::info!(node = %self.node, "client dropped");
+            tracing::info!(node = self.node.0, "client dropped");
         }
     }
 
@@ -340,7 +340,9 @@ impl ClientProxy for GrpcClientProxy {
                 .await;
             // Close our half of the stream so the client sees the end.
             self.bridge.lock().await.tx = None;
-            self.drop_client();
+            if let Some(r) = self.registry.upgrade() {
+                r.unregister(self.node);
+            }
             match reply? {
                 cm::Msg::DisconnectRes(_) => Ok(()),
                 other => Err(self.unexpected(&other, "disconnect_res").await),
