@@ -3,14 +3,19 @@
 //! (Flower's `NumPyClient`, minus the networking). [`LearnerClient`] turns
 //! any learner plus a data partition into a `petal_core::Client`.
 //!
-//! The first backend is burn ([`burn_cnn::BurnCnn`]); another backend is a
-//! new implementation of [`Learner`], nothing else changes. The FL core never
-//! depends on this crate.
+//! Two backends train the seed CNN: [`native_cnn::NativeCnn`] on Petal's
+//! own engine (`petal-nn`, the default on CPU) and [`burn_cnn::BurnCnn`] on
+//! burn (its `flex` CPU backend, and CUDA behind the `cuda` feature).
+//! Another backend is a new implementation of [`Learner`], nothing else
+//! changes. The FL core never depends on this crate.
 
 pub mod burn_cnn;
 mod client;
+pub mod native_cnn;
 
 pub use client::LearnerClient;
+
+use burn_cnn::DeviceKind;
 
 use petal_core::{Config, CoreError, Tensor, config_f64};
 use petal_data::ImageSet;
@@ -29,6 +34,65 @@ pub const CNN_PARAMETER_NAMES: [&str; 10] = [
     "fc3.weight",
     "fc3.bias",
 ];
+
+/// Which implementation trains the CNN, as named by `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Petal's engine on the CPU (`cpu`, the default).
+    Native,
+    /// burn on the CPU (`burn`) or on a CUDA GPU (`cuda`, `cuda:N`).
+    Burn(DeviceKind),
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" | "native" => Ok(Backend::Native),
+            "burn" | "burn-cpu" => Ok(Backend::Burn(DeviceKind::Flex)),
+            other => other.parse::<DeviceKind>().map(Backend::Burn).map_err(|_| {
+                format!("unknown device '{other}' (expected cpu, burn, cuda or cuda:N)")
+            }),
+        }
+    }
+}
+
+/// The seed CNN for images of `input` shape on `backend`, initialised from
+/// `seed`; the native backend splits each batch across `threads` threads.
+pub fn seed_cnn(
+    backend: Backend,
+    input: [usize; 3],
+    num_classes: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<Box<dyn Learner>, MlError> {
+    Ok(match backend {
+        Backend::Native => Box::new(native_cnn::NativeCnn::new(
+            input,
+            num_classes,
+            seed,
+            threads,
+        )?),
+        Backend::Burn(device) => {
+            Box::new(burn_cnn::BurnCnn::new(input, num_classes, device, seed)?)
+        }
+    })
+}
+
+impl Learner for Box<dyn Learner> {
+    fn get_weights(&self) -> Result<Vec<NamedTensor>, MlError> {
+        (**self).get_weights()
+    }
+    fn set_weights(&mut self, weights: &[Tensor]) -> Result<(), MlError> {
+        (**self).set_weights(weights)
+    }
+    fn fit(&mut self, data: &ImageSet, opts: &TrainOptions) -> Result<FitStats, MlError> {
+        (**self).fit(data, opts)
+    }
+    fn evaluate(&mut self, data: &ImageSet, batch_size: usize) -> Result<EvalStats, MlError> {
+        (**self).evaluate(data, batch_size)
+    }
+}
 
 /// A tensor with a stable name (PyTorch-style, e.g. `conv1.weight`).
 #[derive(Debug, Clone, PartialEq)]

@@ -9,8 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use petal_data::{DatasetSpec, SyntheticSpec};
-use petal_ml::TrainOptions;
-use petal_ml::burn_cnn::DeviceKind;
+use petal_ml::{Backend, TrainOptions};
 use serde::{Deserialize, Serialize};
 
 /// Which data a client trains on.
@@ -40,7 +39,7 @@ pub struct DataArgs {
     pub data_seed: u64,
 }
 
-fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+pub fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     let dims: Vec<usize> = s
         .split('x')
         .map(|d| d.trim().parse::<usize>())
@@ -51,7 +50,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 }
 
 fn parse_device(s: &str) -> Result<String, String> {
-    s.parse::<DeviceKind>()?;
+    s.parse::<Backend>()?;
     Ok(s.to_string())
 }
 
@@ -112,9 +111,13 @@ pub struct LearnerArgs {
     /// Number of partitions the data set is cut into.
     #[arg(long, default_value_t = 1)]
     pub num_partitions: usize,
-    /// Device: cpu (burn flex), cuda or cuda:N (needs the cuda feature).
+    /// Device: cpu (Petal's native engine), burn (burn's CPU backend), cuda
+    /// or cuda:N (burn on a GPU; needs the cuda feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: String,
+    /// Threads of the native engine per client (0: RAYON_NUM_THREADS or every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Seed of model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -125,9 +128,14 @@ pub struct LearnerArgs {
 }
 
 impl LearnerArgs {
-    /// The device, already validated by the flag parser.
-    pub fn device(&self) -> anyhow::Result<DeviceKind> {
+    /// The backend, already validated by the flag parser.
+    pub fn device(&self) -> anyhow::Result<Backend> {
         self.device.parse().map_err(|e: String| anyhow::anyhow!(e))
+    }
+
+    /// Threads of the native engine: `--threads`, else `RAYON_NUM_THREADS`, else every core.
+    pub fn threads(&self) -> usize {
+        resolve_threads(self.threads)
     }
 
     /// These settings as one JSON document (for `--learner-config`).
@@ -201,4 +209,16 @@ pub fn secs(s: Option<f64>, zero_is_none: bool) -> anyhow::Result<Option<Duratio
             .map(Some)
             .with_context(|| format!("invalid duration {v} s")),
     }
+}
+
+/// `n`, or when 0: `RAYON_NUM_THREADS`, else every core.
+pub fn resolve_threads(n: usize) -> usize {
+    if n > 0 {
+        return n;
+    }
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }

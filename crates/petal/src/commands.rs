@@ -12,8 +12,7 @@ use petal_core::{
     Scalar, run_federation,
 };
 use petal_data::Splits;
-use petal_ml::burn_cnn::BurnCnn;
-use petal_ml::{CNN_PARAMETER_NAMES, LearnerClient};
+use petal_ml::{CNN_PARAMETER_NAMES, Learner, LearnerClient};
 use petal_server::{GrpcServer, ServerOptions};
 
 use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs, secs};
@@ -226,13 +225,14 @@ fn load_partition(args: &LearnerArgs) -> anyhow::Result<Splits> {
     Ok(data)
 }
 
-fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<BurnCnn>> {
+fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<Box<dyn Learner>>> {
     let data = load_partition(args)?;
-    let learner = BurnCnn::new(
+    let learner = petal_ml::seed_cnn(
+        args.device()?,
         data.train.shape,
         data.train.num_classes,
-        args.device()?,
         args.seed,
+        args.threads(),
     )?;
     Ok(LearnerClient::new(
         learner,
@@ -343,6 +343,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         let mut learner = args.learner.clone();
         learner.partition_id = id;
         learner.num_partitions = args.clients;
+        if learner.threads == 0 {
+            learner.threads = (cores / fit.max(1)).max(1);
+        }
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("client")
             .args(["--server", &addr.to_string()])

@@ -3,6 +3,7 @@
 //! library crates (see ARCHITECTURE.md).
 
 mod args;
+mod bench;
 mod commands;
 
 use clap::{Parser, Subcommand};
@@ -26,9 +27,19 @@ enum Command {
     Client(ClientArgs),
     /// Start a server and N client processes on this machine, and run to completion.
     Run(RunArgs),
+    /// Measure local training speed.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Answer one instruction from stdin (used by `--isolation subprocess`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+/// `petal bench` subcommands.
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Training and evaluation images/s of the seed CNN on random images.
+    Train(bench::BenchTrainArgs),
 }
 
 /// `petal worker` flags.
@@ -125,6 +136,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Worker(args) => commands::worker(&args.learner_config),
+        Command::Bench(BenchCommand::Train(args)) => bench::train(&args),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -135,7 +147,7 @@ fn main() -> std::process::ExitCode {
                         Command::Server(a) => commands::server(&a).await.map(|_| ()),
                         Command::Client(a) => commands::client(&a).await,
                         Command::Run(a) => commands::run(&a).await,
-                        Command::Worker(_) => unreachable!("handled above"),
+                        Command::Worker(_) | Command::Bench(_) => unreachable!("handled above"),
                     }
                 })
             }),

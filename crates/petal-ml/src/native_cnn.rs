@@ -1,0 +1,248 @@
+//! The seed CNN on Petal's own engine (`petal-nn`): pure Rust, no
+//! framework, AVX-512/AVX2 kernels chosen at run time, PyTorch's layouts,
+//! names, initialisation and optimizer semantics. The default CPU learner.
+
+use petal_data::ImageSet;
+use petal_nn::{Images, NetSpec, Network};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::client::check_shapes;
+use crate::{EvalStats, FitStats, Learner, MlError, NamedTensor, TrainOptions};
+
+/// [`Learner`] over a `petal_nn::Network` holding the seed CNN.
+pub struct NativeCnn {
+    net: Network,
+}
+
+fn nn(e: petal_nn::NnError) -> MlError {
+    MlError::Backend(e.to_string())
+}
+
+impl NativeCnn {
+    /// A new model for images of `input` shape, initialised from `seed`,
+    /// splitting each batch across `threads` threads.
+    pub fn new(
+        input: [usize; 3],
+        num_classes: usize,
+        seed: u64,
+        threads: usize,
+    ) -> Result<Self, MlError> {
+        let mut net = Network::new(&NetSpec::seed_cnn(input, num_classes), seed)
+            .map_err(|e| MlError::Shape(e.to_string()))?;
+        net.set_threads(threads);
+        tracing::debug!(isa = ?net.isa(), threads, "native CNN");
+        Ok(NativeCnn { net })
+    }
+
+    fn images<'a>(&self, data: &'a ImageSet) -> Result<Images<'a>, MlError> {
+        let input = self.net.spec().input;
+        if data.shape != input {
+            return Err(MlError::Shape(format!(
+                "model expects images of shape {input:?}, data has {:?}",
+                data.shape
+            )));
+        }
+        Ok(Images {
+            shape: data.shape,
+            pixels: &data.pixels,
+            labels: &data.labels,
+        })
+    }
+}
+
+impl Learner for NativeCnn {
+    fn get_weights(&self) -> Result<Vec<NamedTensor>, MlError> {
+        Ok(self
+            .net
+            .params()
+            .iter()
+            .map(|p| NamedTensor {
+                name: p.name.clone(),
+                tensor: petal_core::Tensor {
+                    shape: p.shape.clone(),
+                    data: p.data.clone(),
+                },
+            })
+            .collect())
+    }
+
+    fn set_weights(&mut self, weights: &[petal_core::Tensor]) -> Result<(), MlError> {
+        let layout: Vec<(String, Vec<usize>)> = self
+            .net
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect();
+        check_shapes(&layout, weights)?;
+        let values: Vec<&[f32]> = weights.iter().map(|t| t.data.as_slice()).collect();
+        self.net
+            .set_params(&values)
+            .map_err(|e| MlError::Weights(e.to_string()))
+    }
+
+    fn fit(&mut self, data: &ImageSet, opts: &TrainOptions) -> Result<FitStats, MlError> {
+        let images = self.images(data)?;
+        if data.is_empty() {
+            return Err(MlError::Empty("no training images"));
+        }
+        // A new optimizer for every local fit, as the seed's `train()`.
+        self.net.reset_momentum();
+        let mut rng = StdRng::seed_from_u64(opts.seed);
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        let mut last_epoch_loss = 0.0;
+        for _ in 0..opts.epochs {
+            order.shuffle(&mut rng);
+            let losses = self
+                .net
+                .train_epoch(
+                    &images,
+                    &order,
+                    opts.batch_size,
+                    opts.lr as f32,
+                    opts.momentum as f32,
+                )
+                .map_err(nn)?;
+            let mut sum = 0.0f64;
+            for (loss, idx) in losses.iter().zip(order.chunks(opts.batch_size)) {
+                if !loss.is_finite() {
+                    return Err(MlError::Diverged(format!(
+                        "loss became {loss} (lr {})",
+                        opts.lr
+                    )));
+                }
+                sum += loss * idx.len() as f64;
+            }
+            last_epoch_loss = sum / data.len() as f64;
+        }
+        Ok(FitStats {
+            num_examples: data.len(),
+            train_loss: last_epoch_loss,
+        })
+    }
+
+    fn evaluate(&mut self, data: &ImageSet, batch_size: usize) -> Result<EvalStats, MlError> {
+        let images = self.images(data)?;
+        if data.is_empty() {
+            return Err(MlError::Empty("no test images"));
+        }
+        let all: Vec<usize> = (0..data.len()).collect();
+        let (loss, correct) = self
+            .net
+            .evaluate(&images, &all, batch_size.max(1))
+            .map_err(nn)?;
+        Ok(EvalStats {
+            num_examples: data.len(),
+            loss: loss / data.len() as f64,
+            accuracy: correct as f64 / data.len() as f64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use petal_data::SyntheticSpec;
+    use petal_nn::{Images, NetSpec, Network};
+
+    #[test]
+    fn names_and_layout_are_pytorchs() {
+        let m = NativeCnn::new([3, 32, 32], 10, 1, 1).unwrap();
+        let w = m.get_weights().unwrap();
+        let names: Vec<_> = w.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, crate::CNN_PARAMETER_NAMES);
+        assert_eq!(w[4].tensor.shape, vec![120, 400], "fc1 is [out, in]");
+        let mut other = NativeCnn::new([3, 32, 32], 10, 2, 1).unwrap();
+        let e = other
+            .set_weights(&[w[0].tensor.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected 10 tensors"), "{e}");
+    }
+
+    /// One SGD step of burn (lr 1, no momentum) moves the weights by their
+    /// gradient; burn's autodiff and the native engine must agree on it.
+    #[test]
+    fn gradients_match_burns_autodiff() {
+        use crate::burn_cnn::{BurnCnn, DeviceKind};
+        for shape in [[3, 32, 32], [1, 28, 28]] {
+            let data = SyntheticSpec {
+                shape,
+                train: 32,
+                test: 1,
+                ..Default::default()
+            }
+            .generate()
+            .unwrap()
+            .train;
+            let mut burn = BurnCnn::new(shape, 10, DeviceKind::Flex, 5).unwrap();
+            let before: Vec<petal_core::Tensor> = burn
+                .get_weights()
+                .unwrap()
+                .into_iter()
+                .map(|n| n.tensor)
+                .collect();
+            let opts = TrainOptions {
+                lr: 1.0,
+                momentum: 0.0,
+                batch_size: 32,
+                ..Default::default()
+            };
+            burn.fit(&data, &opts).unwrap();
+            let after = burn.get_weights().unwrap();
+
+            let mut net = Network::new(&NetSpec::seed_cnn(shape, 10), 0).unwrap();
+            let values: Vec<&[f32]> = before.iter().map(|t| t.data.as_slice()).collect();
+            net.set_params(&values).unwrap();
+            let images = Images {
+                shape,
+                pixels: &data.pixels,
+                labels: &data.labels,
+            };
+            let (_, grads) = net
+                .gradients(&images, &(0..32).collect::<Vec<_>>())
+                .unwrap();
+            for ((b, a), g) in before.iter().zip(&after).zip(&grads) {
+                let scale = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    scale > 1e-4,
+                    "{}: a gradient that is not trivially zero",
+                    a.name
+                );
+                for (i, ((&w0, &w1), &gi)) in b.data.iter().zip(&a.tensor.data).zip(g).enumerate() {
+                    let burn_grad = w0 - w1;
+                    assert!(
+                        (burn_grad - gi).abs() <= 1e-3 * scale,
+                        "{shape:?} {}[{i}]: burn {burn_grad} vs native {gi}",
+                        a.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn training_improves_accuracy_on_synthetic_data() {
+        let data = SyntheticSpec {
+            shape: [1, 16, 16],
+            train: 600,
+            test: 200,
+            ..Default::default()
+        }
+        .generate()
+        .unwrap();
+        let mut m = NativeCnn::new([1, 16, 16], 10, 3, 2).unwrap();
+        let before = m.evaluate(&data.test, 64).unwrap();
+        let opts = TrainOptions {
+            epochs: 10,
+            lr: 0.02,
+            ..Default::default()
+        };
+        let fit = m.fit(&data.train, &opts).unwrap();
+        assert_eq!(fit.num_examples, 600);
+        let after = m.evaluate(&data.test, 64).unwrap();
+        assert!(after.loss < before.loss, "{before:?} -> {after:?}");
+        assert!(after.accuracy > 0.5, "{after:?}");
+    }
+}
