@@ -11,7 +11,7 @@ pub mod isolation;
 mod runtime;
 
 pub use petal_core::Client;
-pub use runtime::{ConnectOptions, run_client};
+pub use runtime::{ConnectOptions, run_client, run_clients};
 
 /// Errors of the client runtime.
 #[derive(Debug, thiserror::Error)]

@@ -4,12 +4,15 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use bytes::Bytes;
 use petal_core::{Client, CoreError};
-use petal_proto::flwr::flower_service_client::FlowerServiceClient;
 use petal_proto::flwr::{self, client_message as cm, server_message as sm};
-use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, serde as wire};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use petal_proto::frames::{self, ChunkBody, MessageReader};
+use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, ServerMessage, serde as wire};
+use prost::Message;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ClientError;
@@ -148,14 +151,14 @@ async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     }
 }
 
-/// How one connection ended.
+/// How one session (one `Join` stream) ended.
 enum Ended {
     /// The server ended the run.
     Finished,
     /// The server asked to come back after a delay.
     Reconnect(Duration),
-    /// The connection or stream was lost.
-    Lost(String),
+    /// The stream was lost (`joined`: after the server had accepted it).
+    Lost { reason: String, joined: bool },
 }
 
 /// Joins the server and serves `client` until the server ends the run.
@@ -166,21 +169,69 @@ pub async fn run_client<C: Client + 'static>(
     opts: &ConnectOptions,
     client: C,
 ) -> Result<(), ClientError> {
+    run_clients(opts, vec![client], 1).await
+}
+
+/// Serves many logical clients from one process over one HTTP/2
+/// connection: each joins on its own stream (so the server gives each its
+/// own node id), and at most `max_concurrent` of them work (get
+/// parameters, fit, evaluate) at once; the others wait their turn. An idle
+/// client costs its stream and its `Client` value, nothing more. Returns
+/// when every client is done; the first error, if any.
+pub async fn run_clients<C: Client + 'static>(
+    opts: &ConnectOptions,
+    clients: Vec<C>,
+    max_concurrent: usize,
+) -> Result<(), ClientError> {
+    let channel = connect(opts).await?;
+    tracing::info!("connected to {} ({} clients)", opts.server, clients.len());
+    let slots = Arc::new(Semaphore::new(max_concurrent.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        tasks.spawn(serve(opts.clone(), channel.clone(), client, slots.clone()));
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined
+            .unwrap_or_else(|e| Err(ClientError::Worker(format!("a client task failed: {e}"))));
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// One logical client: session after session until the run ends.
+async fn serve<C: Client + 'static>(
+    opts: ConnectOptions,
+    channel: Channel,
+    client: C,
+    slots: Arc<Semaphore>,
+) -> Result<(), ClientError> {
     let mut slot = Some(client);
+    let mut backoff = Backoff::new(&opts);
     loop {
-        let channel = connect(opts).await?;
-        tracing::info!("connected to {}", opts.server);
-        match session(opts, channel, &mut slot).await {
+        match session(&opts, channel.clone(), &mut slot, &slots).await {
             Ended::Finished => {
                 tracing::info!("disconnected: the server ended the run");
                 return Ok(());
             }
             Ended::Reconnect(delay) => {
                 tracing::info!("server asked to reconnect in {}s", delay.as_secs());
+                backoff = Backoff::new(&opts);
                 tokio::time::sleep(delay).await;
             }
-            Ended::Lost(reason) => {
-                let delay = opts.initial_backoff.mul_f64(jitter());
+            Ended::Lost { reason, joined } => {
+                if joined {
+                    backoff = Backoff::new(&opts);
+                }
+                let Some(delay) = backoff.failed(&opts) else {
+                    return Err(ClientError::Unreachable {
+                        addr: opts.server.clone(),
+                        attempts: backoff.attempts,
+                        reason,
+                    });
+                };
                 tracing::warn!(
                     "lost the connection to {} ({reason}); rejoining in {:.1}s",
                     opts.server,
@@ -201,33 +252,55 @@ async fn session<C: Client + 'static>(
     opts: &ConnectOptions,
     channel: Channel,
     slot: &mut Option<C>,
+    slots: &Semaphore,
 ) -> Ended {
-    let mut stub = FlowerServiceClient::new(channel)
-        .max_decoding_message_size(opts.max_message_bytes)
-        .max_encoding_message_size(opts.max_message_bytes);
-    let (tx, rx) = mpsc::channel::<ClientMessage>(4);
-    let mut inbound = match stub.join(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return Ended::Lost(format!("join refused: {}", s.message())),
+    let (tx, rx) = mpsc::channel::<Vec<Bytes>>(2);
+    let mut inbound = match join(channel, rx, opts.max_message_bytes).await {
+        Ok(reader) => reader,
+        Err(reason) => {
+            return Ended::Lost {
+                reason: format!("join refused: {reason}"),
+                joined: false,
+            };
+        }
+    };
+    let lost = |reason: String| Ended::Lost {
+        reason,
+        joined: true,
+    };
+    let send = |msg: cm::Msg| {
+        let bytes = ClientMessage { msg: Some(msg) }.encode_to_vec();
+        tx.send(frames::frame(vec![Bytes::from(bytes)]))
     };
     loop {
-        let msg = match inbound.message().await {
-            Ok(Some(m)) => m.msg,
-            Ok(None) => return Ended::Lost("the server closed the stream".into()),
-            Err(s) => return Ended::Lost(s.message().to_string()),
+        let msg = match inbound.next().await {
+            Ok(Some(bytes)) => match ServerMessage::decode(bytes) {
+                Ok(m) => m.msg,
+                Err(e) => return lost(format!("malformed message from the server: {e}")),
+            },
+            Ok(None) => {
+                let why = match inbound.status() {
+                    Some((code, msg)) if *code != 0 => {
+                        format!("the server ended the stream: {msg} (gRPC status {code})")
+                    }
+                    _ => "the server closed the stream".to_string(),
+                };
+                return lost(why);
+            }
+            Err(e) => return lost(e),
         };
         let Some(msg) = msg else { continue };
         if let sm::Msg::ReconnectIns(r) = &msg {
             let reply = cm::Msg::DisconnectRes(cm::DisconnectRes {
                 reason: flwr::Reason::Ack as i32,
             });
-            let _ = tx.send(ClientMessage { msg: Some(reply) }).await;
+            let _ = send(reply).await;
             let seconds = r.seconds;
             // Let the acknowledgement reach the server before closing:
             // wait (briefly) for the server to end the stream.
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(3), async {
-                while let Ok(Some(_)) = inbound.message().await {}
+                while let Ok(Some(_)) = inbound.next().await {}
             })
             .await;
             return match u64::try_from(seconds) {
@@ -235,6 +308,11 @@ async fn session<C: Client + 'static>(
                 Ok(s) => Ended::Reconnect(Duration::from_secs(s.min(86_400))),
             };
         }
+        // Wait for a free slot: at most `max_concurrent` clients of this
+        // process work at once.
+        let Ok(_permit) = slots.acquire().await else {
+            return Ended::Finished;
+        };
         let Some(mut client) = slot.take() else {
             return Ended::Finished;
         };
@@ -254,14 +332,58 @@ async fn session<C: Client + 'static>(
         })
         .await;
         let Ok((client, reply)) = joined else {
-            return Ended::Lost("the client task was cancelled".into());
+            return lost("the client task was cancelled".into());
         };
         *slot = Some(client);
         let Some(reply) = reply else { continue };
-        if tx.send(ClientMessage { msg: Some(reply) }).await.is_err() {
-            return Ended::Lost("the server closed the stream".into());
+        if send(reply).await.is_err() {
+            return lost("the server closed the stream".into());
         }
     }
+}
+
+/// Opens a `Join` stream on `channel`: the request body is fed by `rx`;
+/// returns the reader of the server's messages. Done by hand (as the
+/// server) so that a stream keeps no buffer between messages: a process
+/// hosting a thousand clients holds a thousand small streams, not a
+/// thousand copies of the model.
+async fn join(
+    channel: Channel,
+    rx: mpsc::Receiver<Vec<Bytes>>,
+    max_message_bytes: usize,
+) -> Result<MessageReader<tonic::body::Body>, String> {
+    use tonic::codegen::Service;
+    use tonic::codegen::http::{HeaderValue, Method, Request};
+    let mut req = Request::new(tonic::body::Body::new(ChunkBody::new(rx, false)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = tonic::codegen::http::Uri::from_static("/flwr.proto.FlowerService/Join");
+    let h = req.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("te", HeaderValue::from_static("trailers"));
+    let mut channel = channel;
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| e.to_string())?;
+    let response = channel.call(req).await.map_err(|e| {
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string())
+    })?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP status {}", response.status()));
+    }
+    // A status in the headers is an error before any message.
+    if let Some(code) = response.headers().get("grpc-status")
+        && code != "0"
+    {
+        let msg = response
+            .headers()
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        return Err(format!("gRPC status {code:?}: {msg}"));
+    }
+    Ok(MessageReader::new(response.into_body(), max_message_bytes))
 }
 
 /// The kind of an instruction, to build the matching failure reply.

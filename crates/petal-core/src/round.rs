@@ -31,6 +31,9 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Default bound on calls in flight at once (per step).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 
+/// Default memory for model copies in flight: 2 GiB.
+pub const DEFAULT_IN_FLIGHT_BYTES: usize = 2 << 30;
+
 /// Settings of the round loop itself (strategy settings live in the strategy).
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -45,6 +48,12 @@ pub struct RunConfig {
     pub max_skipped_rounds: Option<u64>,
     /// Calls in flight at once in one step; the others wait their turn.
     pub max_in_flight: usize,
+    /// Memory for model copies in flight (an instruction being sent, a
+    /// reply being received or waiting to be folded each hold one): the
+    /// calls in flight are also at most this divided by the model's size,
+    /// so the server's memory stays a constant multiple of the model
+    /// whatever the number of clients. `None`: no such bound.
+    pub in_flight_bytes: Option<usize>,
     /// Seed of client sampling: each step's generator derives from it, the
     /// round and the step, so a resumed run samples as an uninterrupted one.
     pub sample_seed: u64,
@@ -60,6 +69,7 @@ impl Default for RunConfig {
             wait_timeout: None,
             max_skipped_rounds: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            in_flight_bytes: Some(DEFAULT_IN_FLIGHT_BYTES),
             sample_seed: 0,
             parameter_names: None,
         }
@@ -75,12 +85,22 @@ pub struct Resume {
     pub history: History,
 }
 
-/// Told after every round; [`RunDir`](crate::RunDir) saves the history and
-/// the checkpoint.
+/// Told after every round ([`RunDir`](crate::RunDir) saves the history and
+/// the checkpoint) and, optionally, as each step progresses (progress bars).
 pub trait RoundObserver: Send + Sync {
     /// Records the history so far and the state after the round. An error
     /// stops the run (its results could not be kept).
     fn round_done(&self, history: &History, checkpoint: &Checkpoint) -> Result<(), CoreError>;
+
+    /// A step of `round` sent instructions to `clients` clients.
+    fn step_started(&self, _round: u64, _phase: Phase, _clients: usize) {}
+
+    /// The step's replies so far: `results` usable, `failures`, and
+    /// `outstanding` still expected.
+    fn step_progress(&self, _results: usize, _failures: usize, _outstanding: usize) {}
+
+    /// The step's replies are all in.
+    fn step_finished(&self) {}
 }
 
 /// Keeps nothing (tests, throw-away runs).
@@ -133,6 +153,7 @@ pub async fn run_federation(
         let step = Step {
             manager,
             config,
+            observer,
             round,
             seed,
         };
@@ -228,11 +249,22 @@ fn reason(e: CoreError) -> String {
 struct Step<'a> {
     manager: &'a dyn ClientManager,
     config: &'a RunConfig,
+    observer: &'a dyn RoundObserver,
     round: u64,
     seed: u64,
 }
 
 impl Step<'_> {
+    /// Calls in flight at once for a model of `parameters`' size.
+    fn in_flight(&self, parameters: &Parameters) -> usize {
+        let model = parameters.num_values().saturating_mul(4).max(1);
+        let by_memory = self
+            .config
+            .in_flight_bytes
+            .map_or(usize::MAX, |b| b / model);
+        self.config.max_in_flight.min(by_memory).max(1)
+    }
+
     /// Waits (at most the wait timeout) for `n` connected clients.
     async fn wait_for(&self, n: usize, phase: Phase) -> Result<(), String> {
         let available = self.manager.num_available();
@@ -276,10 +308,13 @@ impl Step<'_> {
         );
         let timeout = self.config.call_timeout;
         let round = self.round;
+        self.observer
+            .step_started(round, Phase::Fit, instructions.len());
         fan_out(
             self.manager,
+            self.observer,
             instructions,
-            self.config.max_in_flight,
+            self.in_flight(parameters),
             |c, ins| async move { c.fit(ins, timeout).await },
             |node, result| {
                 let folded = result.and_then(|res| {
@@ -287,10 +322,14 @@ impl Step<'_> {
                     strategy.fold_fit(round, node, res)
                 });
                 match folded {
-                    Ok(()) => record.fit_results += 1,
+                    Ok(()) => {
+                        record.fit_results += 1;
+                        true
+                    }
                     Err(e) => {
                         record.fit_failures += 1;
                         failure(record, node, Phase::Fit, reason(e));
+                        false
                     }
                 }
             },
@@ -348,16 +387,23 @@ impl Step<'_> {
         );
         let timeout = self.config.call_timeout;
         let round = self.round;
+        self.observer
+            .step_started(round, Phase::Evaluate, instructions.len());
         fan_out(
             self.manager,
+            self.observer,
             instructions,
-            self.config.max_in_flight,
+            self.in_flight(parameters),
             |c, ins| async move { c.evaluate(ins, timeout).await },
             |node, result| match result.and_then(|res| strategy.fold_evaluate(round, node, res)) {
-                Ok(()) => record.eval_results += 1,
+                Ok(()) => {
+                    record.eval_results += 1;
+                    true
+                }
                 Err(e) => {
                     record.eval_failures += 1;
                     failure(record, node, Phase::Evaluate, reason(e));
+                    false
                 }
             },
         )
@@ -384,14 +430,16 @@ fn failure(record: &mut RoundRecord, node: NodeId, phase: Phase, reason: String)
 }
 
 /// Sends every instruction with `call`, at most `max_in_flight` at once,
-/// and hands each outcome to `on_result` as soon as it arrives. A call
-/// whose task panics is that client's failure, and the client is dropped.
+/// and hands each outcome to `on_result` (true: a usable result) as soon as
+/// it arrives. A call whose task panics is that client's failure, and the
+/// client is dropped.
 async fn fan_out<I, R, F, Fut>(
     manager: &dyn ClientManager,
+    observer: &dyn RoundObserver,
     instructions: Vec<Instruction<I>>,
     max_in_flight: usize,
     call: F,
-    mut on_result: impl FnMut(NodeId, Result<R, CoreError>),
+    mut on_result: impl FnMut(NodeId, Result<R, CoreError>) -> bool,
 ) where
     I: Send + 'static,
     R: Send + 'static,
@@ -402,8 +450,7 @@ async fn fan_out<I, R, F, Fut>(
     let mut pending = instructions.into_iter();
     let mut tasks = JoinSet::new();
     let mut owners: HashMap<tokio::task::Id, NodeId> = HashMap::new();
-    let mut done = 0usize;
-    let mut last_log = Instant::now();
+    let (mut done, mut failed) = (0usize, 0usize);
     loop {
         while tasks.len() < max_in_flight.max(1) {
             let Some((client, ins)) = pending.next() else {
@@ -437,16 +484,21 @@ async fn fan_out<I, R, F, Fut>(
                 (node, Err(CoreError::Invalid(why)))
             }
         };
-        done += 1;
-        match node {
+        let ok = match node {
             Some(n) => on_result(n, result),
-            None => tracing::error!("a result arrived from an unknown task"),
+            None => {
+                tracing::error!("a result arrived from an unknown task");
+                false
+            }
+        };
+        if ok {
+            done += 1;
+        } else {
+            failed += 1;
         }
-        if last_log.elapsed() >= Duration::from_secs(10) {
-            tracing::info!("{done}/{total} replies in, {} outstanding", total - done);
-            last_log = Instant::now();
-        }
+        observer.step_progress(done, failed, total - done - failed);
     }
+    observer.step_finished();
 }
 
 /// Parameters from the strategy, or from one client after another until
@@ -512,12 +564,15 @@ async fn disconnect_all(manager: &dyn ClientManager, config: &RunConfig) {
     let timeout = config.call_timeout.map(|t| t.min(Duration::from_secs(10)));
     fan_out(
         manager,
+        &(),
         clients,
         config.max_in_flight,
         |c, ()| async move { c.disconnect(timeout).await },
-        |node, r| {
-            if let Err(e) = r {
+        |node, r| match r {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::debug!("{node}: disconnect: {e}");
+                false
             }
         },
     )

@@ -146,6 +146,18 @@ pub struct Splits {
     pub test: ImageSet,
 }
 
+impl Splits {
+    /// Partition `id` of `num` of both splits (seeded, IID).
+    pub fn partition(&self, id: usize, num: usize, seed: u64) -> Result<Splits, DataError> {
+        let train = partition_indices(self.train.len(), id, num, seed)?;
+        let test = partition_indices(self.test.len(), id, num, seed.wrapping_add(1))?;
+        Ok(Splits {
+            train: self.train.select(&train),
+            test: self.test.select(&test),
+        })
+    }
+}
+
 /// Which data set to load and where from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetSpec {
@@ -212,9 +224,10 @@ impl DatasetSpec {
                     }
                 }
             }
+            // Generated per partition: any number of partitions works.
             DatasetSpec::Synthetic(spec) => {
                 spec.validate()?;
-                Some((spec.train, spec.test))
+                None
             }
         };
         if let Some((train, test)) = sizes {
@@ -229,7 +242,8 @@ impl DatasetSpec {
         Ok(sizes)
     }
 
-    /// Loads both splits and keeps partition `id` of `num` (seeded, IID).
+    /// Partition `id` of `num` (seeded, IID). Synthetic data generates
+    /// just that partition; real data sets are loaded, then cut.
     pub fn load_partition(
         &self,
         data_dir: Option<&Path>,
@@ -237,12 +251,32 @@ impl DatasetSpec {
         num: usize,
         seed: u64,
     ) -> Result<Splits, DataError> {
+        if let DatasetSpec::Synthetic(spec) = self {
+            if id >= num {
+                return Err(DataError::Partition(format!(
+                    "partition id {id} is out of range for {num} partitions"
+                )));
+            }
+            return spec.generate_partition(id);
+        }
+        self.load(data_dir)?.partition(id, num, seed)
+    }
+
+    /// Partitions `ids` of `num`, loading a real data set once for all of
+    /// them (as a process hosting many clients does).
+    pub fn load_partitions(
+        &self,
+        data_dir: Option<&Path>,
+        ids: std::ops::Range<usize>,
+        num: usize,
+        seed: u64,
+    ) -> Result<Vec<Splits>, DataError> {
+        if let DatasetSpec::Synthetic(_) = self {
+            return ids
+                .map(|id| self.load_partition(data_dir, id, num, seed))
+                .collect();
+        }
         let all = self.load(data_dir)?;
-        let train = partition_indices(all.train.len(), id, num, seed)?;
-        let test = partition_indices(all.test.len(), id, num, seed.wrapping_add(1))?;
-        Ok(Splits {
-            train: all.train.select(&train),
-            test: all.test.select(&test),
-        })
+        ids.map(|id| all.partition(id, num, seed)).collect()
     }
 }

@@ -1,5 +1,8 @@
 //! Generated, learnable, class-conditional images of any shape: each class
 //! has a random prototype; an image is its class prototype plus noise.
+//! Sizes are per client: partition `i` is generated on its own (same class
+//! prototypes, its own samples), so a federation of any size costs nothing
+//! to set up and a client never holds more than its share.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -13,9 +16,9 @@ pub struct SyntheticSpec {
     pub shape: [usize; 3],
     /// Number of classes (at most 256).
     pub num_classes: usize,
-    /// Training images.
+    /// Training images per partition.
     pub train: usize,
-    /// Test images.
+    /// Test images per partition.
     pub test: usize,
     /// Noise amplitude in pixel units (0..=255); more noise is harder.
     pub noise: u8,
@@ -28,8 +31,8 @@ impl Default for SyntheticSpec {
         SyntheticSpec {
             shape: [1, 28, 28],
             num_classes: 10,
-            train: 2_000,
-            test: 500,
+            train: 500,
+            test: 100,
             noise: 96,
             seed: 0,
         }
@@ -70,34 +73,52 @@ impl SyntheticSpec {
         Ok(size)
     }
 
-    /// Generates both splits (deterministic for a given spec).
+    /// Generates both splits of partition 0 (deterministic for a given spec).
     pub fn generate(&self) -> Result<Splits, DataError> {
+        self.generate_partition(0)
+    }
+
+    /// Generates both splits of partition `id`.
+    pub fn generate_partition(&self, id: usize) -> Result<Splits, DataError> {
+        Ok(Splits {
+            train: self.generate_split(id, false)?,
+            test: self.generate_split(id, true)?,
+        })
+    }
+
+    /// Generates one split of partition `id` (the test split with `test`):
+    /// the classes' prototypes come from the seed alone, the samples from
+    /// the seed, `id` and the split, so either split can be made alone.
+    pub fn generate_split(&self, id: usize, test: bool) -> Result<ImageSet, DataError> {
         let size = self.validate()?;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let prototypes: Vec<Vec<u8>> = (0..self.num_classes)
             .map(|_| (0..size).map(|_| rng.random::<u8>()).collect())
             .collect();
-        let mut make = |n: usize| {
-            let mut set = ImageSet {
-                shape: self.shape,
-                num_classes: self.num_classes,
-                pixels: Vec::with_capacity(n * size),
-                labels: Vec::with_capacity(n),
+        let stream = (self.seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).rotate_left(17)
+            ^ if test {
+                0x2545_f491_4f6c_dd1d
+            } else {
+                0x5851_f42d_4c95_7f2d
             };
-            let noise = self.noise as i16;
-            for _ in 0..n {
-                let label = rng.random_range(0..self.num_classes);
-                set.labels.push(label as u8);
-                for &p in &prototypes[label] {
-                    let v = p as i16 + rng.random_range(-noise..=noise);
-                    set.pixels.push(v.clamp(0, 255) as u8);
-                }
-            }
-            set
+        let mut rng = StdRng::seed_from_u64(stream);
+        let n = if test { self.test } else { self.train };
+        let mut set = ImageSet {
+            shape: self.shape,
+            num_classes: self.num_classes,
+            pixels: Vec::with_capacity(n * size),
+            labels: Vec::with_capacity(n),
         };
-        let train = make(self.train);
-        let test = make(self.test);
-        Ok(Splits { train, test })
+        let noise = self.noise as i16;
+        for _ in 0..n {
+            let label = rng.random_range(0..self.num_classes);
+            set.labels.push(label as u8);
+            for &p in &prototypes[label] {
+                let v = p as i16 + rng.random_range(-noise..=noise);
+                set.pixels.push(v.clamp(0, 255) as u8);
+            }
+        }
+        Ok(set)
     }
 }
 
@@ -124,6 +145,21 @@ mod tests {
         .generate()
         .unwrap();
         assert_ne!(a.train.pixels, other.train.pixels);
+    }
+
+    #[test]
+    fn partitions_share_classes_but_not_samples() {
+        let spec = SyntheticSpec {
+            shape: [1, 6, 6],
+            train: 30,
+            test: 10,
+            ..Default::default()
+        };
+        let a = spec.generate_partition(1).unwrap();
+        let b = spec.generate_partition(2).unwrap();
+        assert_ne!(a.train.pixels, b.train.pixels);
+        assert_eq!(a, spec.generate_partition(1).unwrap());
+        assert_eq!((a.train.len(), a.test.len()), (30, 10));
     }
 
     #[test]

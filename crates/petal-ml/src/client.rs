@@ -1,9 +1,16 @@
-//! [`LearnerClient`]: a learner and its data partition as a federated client.
+//! Learners as federated clients: [`LearnerClient`] owns its learner (one
+//! client per process, or a worker); [`PooledClient`]s of one process
+//! borrow learners from a shared [`LearnerPool`], so a process hosting a
+//! thousand clients holds as many models as train at once, not a thousand.
+
+use std::sync::{Arc, Mutex};
 
 use petal_core::{
     Client, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Tensor,
 };
-use petal_data::Splits;
+use std::borrow::Cow;
+
+use petal_data::{ImageSet, Splits, SyntheticSpec};
 
 use crate::{Learner, MlError, TrainOptions};
 
@@ -23,20 +30,6 @@ impl<L: Learner> LearnerClient<L> {
             defaults,
         }
     }
-
-    fn parameters(&self) -> Result<Parameters, MlError> {
-        Ok(Parameters::new(
-            self.learner
-                .get_weights()?
-                .into_iter()
-                .map(|n| n.tensor)
-                .collect(),
-        ))
-    }
-
-    fn set(&mut self, p: &Parameters) -> Result<(), MlError> {
-        self.learner.set_weights(&p.tensors)
-    }
 }
 
 fn err(e: MlError) -> CoreError {
@@ -45,32 +38,163 @@ fn err(e: MlError) -> CoreError {
 
 impl<L: Learner> Client for LearnerClient<L> {
     fn get_parameters(&mut self, _config: &Config) -> Result<Parameters, CoreError> {
-        self.parameters().map_err(err)
+        parameters_of(&self.learner).map_err(err)
     }
 
     fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError> {
-        let opts = self.defaults.with_config(&ins.config).map_err(err)?;
-        self.set(&ins.parameters).map_err(err)?;
-        let stats = self.learner.fit(&self.data.train, &opts).map_err(err)?;
-        Ok(FitRes {
-            parameters: self.parameters().map_err(err)?,
-            num_examples: stats.num_examples as u64,
-            metrics: [("train_loss".to_string(), Scalar::Double(stats.train_loss))].into(),
-        })
+        fit_with(&mut self.learner, &self.data.train, &self.defaults, &ins).map_err(err)
     }
 
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
-        let opts = self.defaults.with_config(&ins.config).map_err(err)?;
-        self.set(&ins.parameters).map_err(err)?;
-        let stats = self
-            .learner
-            .evaluate(&self.data.test, opts.batch_size)
-            .map_err(err)?;
-        Ok(EvaluateRes {
-            loss: stats.loss as f32,
-            num_examples: stats.num_examples as u64,
-            metrics: [("accuracy".to_string(), Scalar::Double(stats.accuracy))].into(),
-        })
+        evaluate_with(&mut self.learner, &self.data.test, &self.defaults, &ins).map_err(err)
+    }
+}
+
+fn parameters_of(learner: &dyn Learner) -> Result<Parameters, MlError> {
+    Ok(Parameters::new(
+        learner
+            .get_weights()?
+            .into_iter()
+            .map(|n| n.tensor)
+            .collect(),
+    ))
+}
+
+fn fit_with(
+    learner: &mut dyn Learner,
+    train: &ImageSet,
+    defaults: &TrainOptions,
+    ins: &FitIns,
+) -> Result<FitRes, MlError> {
+    let opts = defaults.with_config(&ins.config)?;
+    learner.set_weights(&ins.parameters.tensors)?;
+    let stats = learner.fit(train, &opts)?;
+    Ok(FitRes {
+        parameters: parameters_of(learner)?,
+        num_examples: stats.num_examples as u64,
+        metrics: [("train_loss".to_string(), Scalar::Double(stats.train_loss))].into(),
+    })
+}
+
+fn evaluate_with(
+    learner: &mut dyn Learner,
+    test: &ImageSet,
+    defaults: &TrainOptions,
+    ins: &EvaluateIns,
+) -> Result<EvaluateRes, MlError> {
+    let opts = defaults.with_config(&ins.config)?;
+    learner.set_weights(&ins.parameters.tensors)?;
+    let stats = learner.evaluate(test, opts.batch_size)?;
+    Ok(EvaluateRes {
+        loss: stats.loss as f32,
+        num_examples: stats.num_examples as u64,
+        metrics: [("accuracy".to_string(), Scalar::Double(stats.accuracy))].into(),
+    })
+}
+
+/// A factory of learners (all alike: same architecture and initial weights).
+pub type MakeLearner = Box<dyn Fn() -> Result<Box<dyn Learner>, MlError> + Send + Sync>;
+
+/// The learners of one process, lent to its clients one call at a time.
+/// The process's runtime bounds how many calls run at once, so the pool
+/// never holds more learners than that.
+pub struct LearnerPool {
+    make: MakeLearner,
+    idle: Mutex<Vec<Box<dyn Learner>>>,
+}
+
+impl LearnerPool {
+    /// A pool creating learners with `make` when none is idle.
+    pub fn new(make: MakeLearner) -> Self {
+        LearnerPool {
+            make,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Learner) -> Result<T, MlError>,
+    ) -> Result<T, MlError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut learner = match idle {
+            Some(l) => l,
+            None => (self.make)()?,
+        };
+        let out = f(&mut *learner);
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(learner);
+        out
+    }
+
+    /// A new learner's initial weights.
+    fn initial(&self) -> Result<Parameters, MlError> {
+        parameters_of(&*(self.make)()?)
+    }
+}
+
+/// A client's data: loaded (a share of a real data set), or generated
+/// when a call needs it (synthetic data: nothing held between calls).
+pub enum PartitionData {
+    /// Both splits in memory.
+    Loaded(Arc<Splits>),
+    /// Partition `id` of a synthetic data set.
+    Synthetic { spec: SyntheticSpec, id: usize },
+}
+
+impl PartitionData {
+    fn split(&self, test: bool) -> Result<Cow<'_, ImageSet>, MlError> {
+        match self {
+            PartitionData::Loaded(s) => Ok(Cow::Borrowed(if test { &s.test } else { &s.train })),
+            PartitionData::Synthetic { spec, id } => spec
+                .generate_split(*id, test)
+                .map(Cow::Owned)
+                .map_err(|e| MlError::Shape(e.to_string())),
+        }
+    }
+}
+
+/// One client of a process hosting many: its own data partition, a
+/// learner borrowed from the process's pool for each call (every call
+/// starts from the server's weights, so no model is kept between calls).
+pub struct PooledClient {
+    data: PartitionData,
+    pool: Arc<LearnerPool>,
+    defaults: TrainOptions,
+}
+
+impl PooledClient {
+    /// A client training on `data` with learners from `pool`.
+    pub fn new(data: PartitionData, pool: Arc<LearnerPool>, defaults: TrainOptions) -> Self {
+        PooledClient {
+            data,
+            pool,
+            defaults,
+        }
+    }
+}
+
+impl Client for PooledClient {
+    fn get_parameters(&mut self, _config: &Config) -> Result<Parameters, CoreError> {
+        self.pool.initial().map_err(err)
+    }
+
+    fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError> {
+        let train = self.data.split(false).map_err(err)?;
+        let defaults = &self.defaults;
+        self.pool
+            .with(|l| fit_with(l, &train, defaults, &ins))
+            .map_err(err)
+    }
+
+    fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
+        let test = self.data.split(true).map_err(err)?;
+        let defaults = &self.defaults;
+        self.pool
+            .with(|l| evaluate_with(l, &test, defaults, &ins))
+            .map_err(err)
     }
 }
 

@@ -12,8 +12,9 @@
 pub mod burn_cnn;
 mod client;
 pub mod native_cnn;
+pub mod noop;
 
-pub use client::LearnerClient;
+pub use client::{LearnerClient, LearnerPool, MakeLearner, PartitionData, PooledClient};
 
 use burn_cnn::DeviceKind;
 
@@ -42,6 +43,8 @@ pub enum Backend {
     Native,
     /// burn on the CPU (`burn`) or on a CUDA GPU (`cuda`, `cuda:N`).
     Burn(DeviceKind),
+    /// No training at all (`noop`): see [`noop::NoopClient`].
+    Noop,
 }
 
 impl std::str::FromStr for Backend {
@@ -49,9 +52,10 @@ impl std::str::FromStr for Backend {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" | "native" => Ok(Backend::Native),
+            "noop" => Ok(Backend::Noop),
             "burn" | "burn-cpu" => Ok(Backend::Burn(DeviceKind::Flex)),
             other => other.parse::<DeviceKind>().map(Backend::Burn).map_err(|_| {
-                format!("unknown device '{other}' (expected cpu, burn, cuda or cuda:N)")
+                format!("unknown device '{other}' (expected cpu, burn, cuda, cuda:N or noop)")
             }),
         }
     }
@@ -75,6 +79,11 @@ pub fn seed_cnn(
         )?),
         Backend::Burn(device) => {
             Box::new(burn_cnn::BurnCnn::new(input, num_classes, device, seed)?)
+        }
+        Backend::Noop => {
+            return Err(MlError::Backend(
+                "the noop device has no learner: use noop::NoopClient".into(),
+            ));
         }
     })
 }

@@ -4,6 +4,7 @@
 //! Arrays travel as NumPy `.npy` bytes ([`npy`]) with tensor type
 //! `"numpy.ndarray"`, as in Flower. This crate holds no networking logic.
 
+pub mod frames;
 pub mod npy;
 pub mod serde;
 

@@ -1,5 +1,5 @@
-//! The gRPC server: implements Flower's `FlowerService.Join` so that Petal
-//! and Flower clients connect, and exposes each connection to the
+//! The gRPC server: serves Flower's `FlowerService.Join` so that Petal and
+//! Flower clients connect, and exposes each stream to the
 //! transport-independent round loop of `petal-core` as a [`ClientProxy`].
 //!
 //! This crate holds no FL logic: it registers each `Join` stream with a
@@ -7,21 +7,37 @@
 //! request/response pairs on the stream. A client that breaks its stream,
 //! sends what was not asked for or misses a deadline is dropped: its
 //! stream is closed and it may join again as a new node.
+//!
+//! `Join` is served by hand on tonic's HTTP/2 server ([`frames`] of
+//! `petal-proto`) rather than by generated code, for scale: the model's
+//! bytes are shared by every client's instruction (encoded once per
+//! round), and a stream keeps no buffer between messages, so ten thousand
+//! idle streams cost kilobytes each, not a copy of the model each.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Frame;
 use petal_core::{
     ClientProxy, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, NodeId, Parameters,
     ProxyFuture, Registry,
 };
-use petal_proto::flwr::flower_service_server::{FlowerService, FlowerServiceServer};
 use petal_proto::flwr::{client_message as cm, server_message as sm};
-use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, ServerMessage, serde as wire};
+use petal_proto::frames::{self, ChunkBody, MessageReader};
+use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, serde as wire};
+use prost::Message;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderValue, Request, Response};
+
+/// The gRPC path of Flower's bidirectional stream.
+const JOIN_PATH: &str = "/flwr.proto.FlowerService/Join";
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -79,17 +95,21 @@ impl GrpcServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let service = FlowerServiceServer::new(Service { registry })
-            .max_decoding_message_size(options.max_message_bytes)
-            .max_encoding_message_size(options.max_message_bytes);
+        let service = JoinService {
+            registry,
+            max_message_bytes: options.max_message_bytes,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(options.keepalive_interval)
                 .http2_keepalive_timeout(Some(options.keepalive_timeout))
-                // Many clients may share one connection (one stream each).
+                // Many clients may share one connection (one stream each);
+                // a small per-stream window bounds what an unread stream buffers.
                 .max_concurrent_streams(Some(1_000_000))
+                .initial_stream_window_size(Some(256 * 1024))
+                .initial_connection_window_size(Some(16 * 1024 * 1024))
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
@@ -125,84 +145,129 @@ impl GrpcServer {
     }
 }
 
-struct Service {
+/// `flwr.proto.FlowerService`, served by hand.
+#[derive(Clone)]
+struct JoinService {
     registry: Arc<Registry>,
+    max_message_bytes: usize,
 }
 
-#[tonic::async_trait]
-impl FlowerService for Service {
-    type JoinStream = JoinStream;
+impl tonic::server::NamedService for JoinService {
+    const NAME: &'static str = "flwr.proto.FlowerService";
+}
 
-    async fn join(
-        &self,
-        request: Request<Streaming<ClientMessage>>,
-    ) -> Result<Response<Self::JoinStream>, Status> {
+/// A gRPC response carrying only a status (an error before any message).
+fn status_response(code: tonic::Code, message: &str) -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    let h = r.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code as i32));
+    if let Ok(v) = HeaderValue::from_str(message) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+impl tonic::codegen::Service<Request<Body>> for JoinService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if req.uri().path() != JOIN_PATH {
+            let what = format!("{} is not served here", req.uri().path());
+            return std::future::ready(Ok(status_response(tonic::Code::Unimplemented, &what)));
+        }
         let node = self.registry.next_node_id();
-        let peer = request
-            .remote_addr()
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(2);
         self.registry.register(Arc::new(GrpcClientProxy {
             node,
             registry: Arc::downgrade(&self.registry),
             bridge: Mutex::new(Bridge {
                 tx: Some(tx),
-                rx: inbound,
+                rx: Inbound(MessageReader::new(req.into_body(), self.max_message_bytes)),
             }),
         }));
         tracing::info!(node = node.0, %peer, "client joined");
-        // Unregister as soon as the client goes away, even while idle:
-        // tonic drops the response stream when the connection ends. Ids are
-        // never reused, so this cannot remove a newer client.
         let registry = Arc::downgrade(&self.registry);
-        Ok(Response::new(JoinStream {
-            inner: ReceiverStream::new(rx),
-            on_drop: Some(Box::new(move || {
-                if let Some(r) = registry.upgrade()
-                    && r.unregister(node)
-                {
-                    tracing::info!(node = node.0, "client left");
-                }
-            })),
-        }))
+        let body = Outbound {
+            body: ChunkBody::new(rx, true),
+            node,
+            registry,
+        };
+        let mut response = Response::new(Body::new(body));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        std::future::ready(Ok(response))
     }
 }
 
-/// The server-to-client half of a `Join` stream. It ends when the client's
-/// proxy is dropped, and unregisters the client when tonic drops it.
-pub struct JoinStream {
-    inner: ReceiverStream<Result<ServerMessage, Status>>,
-    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+/// The server-to-client half of a `Join` stream: the frames the proxy
+/// sends, then an OK status when the proxy closes it. Unregisters the
+/// client when hyper drops it (the client went away). Ids are never
+/// reused, so this cannot remove a newer client.
+struct Outbound {
+    body: ChunkBody,
+    node: NodeId,
+    registry: std::sync::Weak<Registry>,
 }
 
-impl tokio_stream::Stream for JoinStream {
-    type Item = Result<ServerMessage, Status>;
+impl http_body::Body for Outbound {
+    type Data = Bytes;
+    type Error = tonic::Status;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 }
 
-impl Drop for JoinStream {
+impl Drop for Outbound {
     fn drop(&mut self) {
-        if let Some(f) = self.on_drop.take() {
-            f();
+        if let Some(r) = self.registry.upgrade()
+            && r.unregister(self.node)
+        {
+            tracing::info!(node = self.node.0, "client left");
+        }
+    }
+}
+
+/// The client-to-server half: its messages, one at a time.
+struct Inbound(MessageReader<Body>);
+
+impl Inbound {
+    /// The next message; `Ok(None)` when the client ended its stream.
+    async fn next(&mut self) -> Result<Option<ClientMessage>, String> {
+        match self.0.next().await {
+            Ok(Some(bytes)) => ClientMessage::decode(bytes)
+                .map(Some)
+                .map_err(|e| format!("stream error: malformed message: {e}")),
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("stream error: {e}")),
         }
     }
 }
 
 struct Bridge {
-    /// `None` once the client was told to disconnect: the stream is closed.
-    tx: Option<mpsc::Sender<Result<ServerMessage, Status>>>,
-    rx: Streaming<ClientMessage>,
+    /// `None` once the stream is closed (the client was told to leave or dropped).
+    tx: Option<mpsc::Sender<Vec<Bytes>>>,
+    rx: Inbound,
 }
 
-/// One connected gRPC client: each call sends one [`ServerMessage`] and
-/// waits for the matching [`ClientMessage`].
+/// One connected gRPC client: each call sends one `ServerMessage` and
+/// waits for the matching `ClientMessage`.
 struct GrpcClientProxy {
     node: NodeId,
     registry: std::sync::Weak<Registry>,
@@ -217,20 +282,23 @@ impl GrpcClientProxy {
         }
     }
 
-    /// Sends `msg`, waits for the reply. A broken stream or a timeout drops
-    /// the client: the stream cannot be trusted to stay in step afterwards.
-    async fn call(&self, msg: sm::Msg, timeout: Option<Duration>) -> Result<cm::Msg, CoreError> {
+    /// Sends the frame, waits for the reply. A broken stream or a timeout
+    /// drops the client: the stream cannot be trusted to stay in step.
+    async fn call(
+        &self,
+        frame: Vec<Bytes>,
+        timeout: Option<Duration>,
+    ) -> Result<cm::Msg, CoreError> {
         let mut bridge = self.bridge.lock().await;
         let exchange = async {
             let tx = bridge.tx.as_ref().ok_or("client was disconnected")?;
-            tx.send(Ok(ServerMessage { msg: Some(msg) }))
+            tx.send(frame)
                 .await
                 .map_err(|_| "connection closed".to_string())?;
-            match bridge.rx.message().await {
-                Ok(Some(ClientMessage { msg: Some(m) })) => Ok(m),
-                Ok(Some(ClientMessage { msg: None })) => Err("empty client message".to_string()),
-                Ok(None) => Err("client closed the stream".to_string()),
-                Err(status) => Err(format!("stream error: {}", status.message())),
+            match bridge.rx.next().await? {
+                Some(ClientMessage { msg: Some(m) }) => Ok(m),
+                Some(ClientMessage { msg: None }) => Err("empty client message".to_string()),
+                None => Err("client closed the stream".to_string()),
             }
         };
         let result = match timeout {
@@ -288,7 +356,8 @@ impl ClientProxy for GrpcClientProxy {
             let ins = sm::GetParametersIns {
                 config: wire::config_to_proto(&config),
             };
-            match self.call(sm::Msg::GetParametersIns(ins), timeout).await? {
+            let frame = frames::server_message_frame(sm::Msg::GetParametersIns(ins));
+            match self.call(frame, timeout).await? {
                 cm::Msg::GetParametersRes(res) => {
                     if let Some(e) = wire::status_error(&res.status) {
                         return Err(self.error(e));
@@ -306,9 +375,9 @@ impl ClientProxy for GrpcClientProxy {
 
     fn fit(&self, ins: FitIns, timeout: Option<Duration>) -> ProxyFuture<'_, FitRes> {
         Box::pin(async move {
-            let msg = sm::Msg::FitIns(wire::fit_ins_to_proto(&ins));
+            let frame = frames::fit_ins_frame(&ins);
             drop(ins);
-            match self.call(msg, timeout).await? {
+            match self.call(frame, timeout).await? {
                 cm::Msg::FitRes(res) => self.decode(wire::fit_res_from_proto(&res)),
                 other => Err(self.unexpected(&other, "fit_res").await),
             }
@@ -321,9 +390,9 @@ impl ClientProxy for GrpcClientProxy {
         timeout: Option<Duration>,
     ) -> ProxyFuture<'_, EvaluateRes> {
         Box::pin(async move {
-            let msg = sm::Msg::EvaluateIns(wire::evaluate_ins_to_proto(&ins));
+            let frame = frames::evaluate_ins_frame(&ins);
             drop(ins);
-            match self.call(msg, timeout).await? {
+            match self.call(frame, timeout).await? {
                 cm::Msg::EvaluateRes(res) => self.decode(wire::evaluate_res_from_proto(&res)),
                 other => Err(self.unexpected(&other, "evaluate_res").await),
             }
@@ -332,12 +401,10 @@ impl ClientProxy for GrpcClientProxy {
 
     fn disconnect(&self, timeout: Option<Duration>) -> ProxyFuture<'_, ()> {
         Box::pin(async move {
-            let reply = self
-                .call(
-                    sm::Msg::ReconnectIns(sm::ReconnectIns { seconds: 0 }),
-                    timeout,
-                )
-                .await;
+            let frame = frames::server_message_frame(sm::Msg::ReconnectIns(sm::ReconnectIns {
+                seconds: 0,
+            }));
+            let reply = self.call(frame, timeout).await;
             // Close our half of the stream so the client sees the end.
             self.bridge.lock().await.tx = None;
             if let Some(r) = self.registry.upgrade() {

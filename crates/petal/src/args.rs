@@ -28,11 +28,11 @@ pub struct DataArgs {
     /// Shape of synthetic images, CxHxW.
     #[arg(long, default_value = "1x28x28", value_parser = parse_shape)]
     pub synthetic_shape: [usize; 3],
-    /// Synthetic training images (whole data set, before partitioning).
-    #[arg(long, default_value_t = 2000)]
-    pub synthetic_train: usize,
-    /// Synthetic test images (whole data set, before partitioning).
+    /// Synthetic training images per client (each partition is generated on its own).
     #[arg(long, default_value_t = 500)]
+    pub synthetic_train: usize,
+    /// Synthetic test images per client.
+    #[arg(long, default_value_t = 100)]
     pub synthetic_test: usize,
     /// Seed of partitioning and synthetic data.
     #[arg(long, default_value_t = 42)]
@@ -55,6 +55,15 @@ fn parse_device(s: &str) -> Result<String, String> {
 }
 
 impl DataArgs {
+    /// The shape of the data set's images, without loading it.
+    pub fn shape(&self) -> [usize; 3] {
+        match self.dataset.as_str() {
+            "cifar10" | "cifar-10" => [3, 32, 32],
+            "synthetic" => self.synthetic_shape,
+            _ => [1, 28, 28],
+        }
+    }
+
     /// The data set these flags describe (validates the name).
     pub fn spec(&self) -> Result<DatasetSpec, petal_data::DataError> {
         let synthetic = SyntheticSpec {
@@ -115,9 +124,14 @@ pub struct LearnerArgs {
     /// or cuda:N (burn on a GPU; needs the cuda feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: String,
-    /// Threads of the native engine per client (0: RAYON_NUM_THREADS or every core).
+    /// Threads of the native engine per client (0: RAYON_NUM_THREADS, else
+    /// every core shared by the clients training at once).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// With `--device noop`: the model is one tensor of this many values
+    /// (default: the CNN's layout). For measuring the framework.
+    #[arg(long)]
+    pub noop_values: Option<usize>,
     /// Seed of model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -165,9 +179,15 @@ pub struct RoundArgs {
     /// Stop with an error after this many skipped rounds in a row (default: never).
     #[arg(long)]
     pub max_skipped_rounds: Option<u64>,
-    /// Calls in flight at once in one step; the others wait their turn.
-    #[arg(long, default_value_t = petal_core::round::DEFAULT_MAX_IN_FLIGHT)]
-    pub max_in_flight: usize,
+    /// Calls in flight at once in one step; the others wait their turn
+    /// (default: 512 for `petal server`; `petal run` with worker processes:
+    /// 16 per core, as each call in flight is a worker).
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
+    /// Memory for model copies in flight, in MiB: calls in flight are also
+    /// at most this divided by the model's size (0: no such bound).
+    #[arg(long, default_value_t = 2048)]
+    pub in_flight_memory_mb: usize,
     /// Seed of client sampling.
     #[arg(long, default_value_t = 0)]
     pub sample_seed: u64,

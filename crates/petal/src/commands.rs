@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use petal_client::isolation::{SubprocessClient, serve_worker};
-use petal_client::{ConnectOptions, run_client};
+use petal_client::{ConnectOptions, run_clients};
 use petal_core::{
-    Config, CoreError, FedAvg, FedAvgConfig, History, Registry, RunConfig, RunDir, RunStatus,
-    Scalar, run_federation,
+    Config, CoreError, FedAvg, FedAvgConfig, History, Registry, RoundObserver, RunConfig, RunDir,
+    RunStatus, Scalar, run_federation,
 };
-use petal_data::Splits;
-use petal_ml::{CNN_PARAMETER_NAMES, Learner, LearnerClient};
+use petal_data::{DatasetSpec, Splits};
+use petal_ml::noop::NoopClient;
+use petal_ml::{
+    Backend, CNN_PARAMETER_NAMES, Learner, LearnerClient, LearnerPool, MakeLearner, PartitionData,
+    PooledClient,
+};
 use petal_server::{GrpcServer, ServerOptions};
 
 use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs, secs};
@@ -165,7 +169,12 @@ async fn federate(
         call_timeout: secs(Some(fed.round.call_timeout), true)?,
         wait_timeout: secs(fed.wait_timeout, false)?,
         max_skipped_rounds: fed.round.max_skipped_rounds,
-        max_in_flight: fed.round.max_in_flight,
+        max_in_flight: fed
+            .round
+            .max_in_flight
+            .unwrap_or(petal_core::round::DEFAULT_MAX_IN_FLIGHT),
+        in_flight_bytes: (fed.round.in_flight_memory_mb > 0)
+            .then(|| fed.round.in_flight_memory_mb.saturating_mul(1 << 20)),
         sample_seed: fed.round.sample_seed,
         parameter_names: Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect()),
     };
@@ -176,10 +185,12 @@ async fn federate(
         fed.min_available_clients,
         run_dir.path().display()
     );
+    let observer = Progress::new(run_dir);
     let outcome = tokio::select! {
-        r = run_federation(registry, &mut strategy, &config, resume, run_dir) => Some(r),
+        r = run_federation(registry, &mut strategy, &config, resume, &observer) => Some(r),
         _ = shutdown_signal() => None,
     };
+    observer.clear();
     let dir = run_dir.path().display().to_string();
     match outcome {
         None => {
@@ -197,6 +208,85 @@ async fn federate(
             eprint!("{}", h.summary());
             tracing::info!("history and checkpoint written to {dir}");
             Ok(h)
+        }
+    }
+}
+
+/// Saves each round with the run folder and shows each step's progress: a
+/// bar on a terminal, a log line every 5 s otherwise.
+struct Progress<'a> {
+    dir: &'a RunDir,
+    bar: Option<indicatif::ProgressBar>,
+    step: std::sync::Mutex<(String, std::time::Instant)>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(dir: &'a RunDir) -> Self {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let bar = indicatif::ProgressBar::hidden();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress {
+            dir,
+            bar,
+            step: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl RoundObserver for Progress<'_> {
+    fn round_done(
+        &self,
+        history: &History,
+        checkpoint: &petal_core::Checkpoint,
+    ) -> Result<(), CoreError> {
+        self.dir.round_done(history, checkpoint)
+    }
+
+    fn step_started(&self, round: u64, phase: petal_core::Phase, clients: usize) {
+        let name = format!("round {round} {}", phase.name());
+        if let Some(bar) = &self.bar {
+            bar.reset();
+            bar.set_length(clients as u64);
+            bar.set_prefix(name.clone());
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = (name, std::time::Instant::now());
+    }
+
+    fn step_progress(&self, results: usize, failures: usize, outstanding: usize) {
+        let what = format!("{results} results, {failures} failures, {outstanding} outstanding");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position((results + failures) as u64);
+                bar.set_message(what);
+            }
+            None => {
+                let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+                if step.1.elapsed() >= Duration::from_secs(5) && outstanding > 0 {
+                    tracing::info!("{}: {what}", step.0);
+                    step.1 = std::time::Instant::now();
+                }
+            }
+        }
+    }
+
+    fn step_finished(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
     }
 }
@@ -241,43 +331,122 @@ fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<Box<d
     ))
 }
 
-/// `petal client`.
+/// `petal client`: one logical client, or `--clients K` of them sharing
+/// this process, its connection and its data.
 pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
     let learner = match &args.learner_config {
         Some(json) => LearnerArgs::from_json(json)?,
         None => args.learner.clone(),
     };
+    let k = args.clients.max(1);
+    let first = learner.partition_id;
+    let ids = first..first + k;
+    if ids.end > learner.num_partitions {
+        bail!(
+            "partitions {first}..{} do not exist: --num-partitions is {}",
+            ids.end,
+            learner.num_partitions
+        );
+    }
     // Fail fast on settings that would only fail later in a worker.
-    learner
-        .data
-        .spec()?
-        .check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
-    learner.device()?;
+    let spec = learner.data.spec()?;
+    let sizes = spec.check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
+    let backend = learner.device()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slots = args.max_concurrent_fit.unwrap_or(cores).max(1);
+    let mut learner = learner;
+    if learner.threads == 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        learner.threads = (cores / slots).max(1);
+    }
     let mut opts = ConnectOptions::new(&args.server);
     opts.max_attempts = args.connect_attempts;
+    if backend == Backend::Noop {
+        // No data, no model: what is left is the framework.
+        let examples = sizes.map_or(learner.data.synthetic_train, |(train, _)| {
+            train / learner.num_partitions
+        });
+        let shape = learner.data.shape();
+        let clients = ids
+            .map(|_| NoopClient::new(shape, 10, learner.noop_values, examples as u64))
+            .collect();
+        return Ok(run_clients(&opts, clients, slots).await?);
+    }
     match args.isolation {
         Isolation::Subprocess => {
             let exe = std::env::current_exe().context("locating the petal executable")?;
-            // Workers share one decoded copy of this client's partition,
-            // removed when the client exits.
+            // Real data sets are decoded once, here, and each client's
+            // partition saved for its workers; nothing stays in memory.
+            // Synthetic partitions are generated by the workers themselves.
             let cache = tempfile::Builder::new()
                 .prefix("petal-client-")
                 .tempdir()
                 .context("creating the partition cache folder")?;
-            let mut learner = learner;
-            learner.partition_cache = Some(cache.path().join("partition.bin"));
-            let worker_args = vec![
-                "worker".to_string(),
-                "--learner-config".to_string(),
-                learner.to_json(),
-            ];
-            let worker = SubprocessClient::new(exe, worker_args)
-                .with_timeout(secs(args.worker_timeout, false)?);
-            run_client(&opts, worker).await?;
+            if !matches!(spec, DatasetSpec::Synthetic(_)) {
+                let dir = learner.data.data_dir.clone();
+                let parts = tokio::task::block_in_place(|| {
+                    spec.load_partitions(
+                        dir.as_deref(),
+                        ids.clone(),
+                        learner.num_partitions,
+                        learner.data.data_seed,
+                    )
+                })?;
+                for (id, part) in ids.clone().zip(parts) {
+                    part.save(&cache.path().join(format!("partition-{id}.bin")))?;
+                }
+            }
+            let timeout = secs(args.worker_timeout, false)?;
+            let clients = ids
+                .map(|id| {
+                    let mut l = learner.clone();
+                    l.partition_id = id;
+                    let file = cache.path().join(format!("partition-{id}.bin"));
+                    l.partition_cache = file.is_file().then_some(file);
+                    let worker_args = vec!["worker".into(), "--learner-config".into(), l.to_json()];
+                    SubprocessClient::new(exe.clone(), worker_args).with_timeout(timeout)
+                })
+                .collect();
+            run_clients(&opts, clients, slots).await?;
         }
         Isolation::None => {
-            let client = tokio::task::block_in_place(|| load_learner_client(&learner))?;
-            run_client(&opts, client).await?;
+            // Real data sets: decoded once, each client keeps its share.
+            // Synthetic data: each client generates its split per call.
+            let parts: Vec<PartitionData> = match &spec {
+                DatasetSpec::Synthetic(s) => ids
+                    .map(|id| PartitionData::Synthetic {
+                        spec: s.clone(),
+                        id,
+                    })
+                    .collect(),
+                _ => {
+                    let dir = learner.data.data_dir.clone();
+                    tokio::task::block_in_place(|| {
+                        spec.load_partitions(
+                            dir.as_deref(),
+                            ids.clone(),
+                            learner.num_partitions,
+                            learner.data.data_seed,
+                        )
+                    })?
+                    .into_iter()
+                    .map(|p| PartitionData::Loaded(Arc::new(p)))
+                    .collect()
+                }
+            };
+            let classes = match &spec {
+                DatasetSpec::Synthetic(s) => s.num_classes,
+                _ => 10,
+            };
+            let (shape, seed, threads) = (learner.data.shape(), learner.seed, learner.threads());
+            let make: MakeLearner =
+                Box::new(move || petal_ml::seed_cnn(backend, shape, classes, seed, threads));
+            let pool = Arc::new(LearnerPool::new(make));
+            let defaults = learner.train.options(learner.seed);
+            let clients = parts
+                .into_iter()
+                .map(|p| PooledClient::new(p, pool.clone(), defaults.clone()))
+                .collect();
+            run_clients(&opts, clients, slots).await?;
         }
     }
     Ok(())
@@ -323,8 +492,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         .spec()?
         .check(args.learner.data.data_dir.as_deref(), args.clients)?;
 
+    let mut round = args.round.clone();
+    // Each call in flight to an isolated client is a worker process: keep
+    // their number, and so this machine's memory, bounded.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers =
+        args.isolation == Isolation::Subprocess && args.learner.device()? != Backend::Noop;
+    if round.max_in_flight.is_none() && workers {
+        round.max_in_flight = Some(16 * cores);
+    }
     let fed = FederationArgs {
-        round: args.round.clone(),
+        round,
         min_available_clients: min,
         fit_clients: fit,
         wait_timeout: Some(args.wait_timeout),
@@ -336,15 +514,24 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let addr = grpc.local_addr();
 
     let exe = std::env::current_exe().context("locating the petal executable")?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / fit.max(1)).max(1).to_string();
+    let per_process = args.clients_per_process.clamp(1, args.clients);
+    let processes = args.clients.div_ceil(per_process);
+    let slots = args
+        .max_concurrent_fit
+        .unwrap_or((cores / processes).max(1))
+        .max(1);
+    // The cores are shared by the clients that train at once.
+    let trainers = fit.min(processes * slots).max(1);
+    let threads = (cores / trainers).max(1);
     let mut children = tokio::task::JoinSet::new();
-    for id in 0..args.clients {
+    for p in 0..processes {
+        let first = p * per_process;
+        let count = per_process.min(args.clients - first);
         let mut learner = args.learner.clone();
-        learner.partition_id = id;
+        learner.partition_id = first;
         learner.num_partitions = args.clients;
         if learner.threads == 0 {
-            learner.threads = (cores / fit.max(1)).max(1);
+            learner.threads = threads;
         }
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("client")
@@ -356,24 +543,26 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
                     Isolation::None => "none",
                 },
             ])
+            .args(["--clients", &count.to_string()])
+            .args(["--max-concurrent-fit", &slots.to_string()])
             .args(["--learner-config", &learner.to_json()])
             .kill_on_drop(true);
         if let Some(t) = args.worker_timeout {
             cmd.args(["--worker-timeout", &t.to_string()]);
         }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            cmd.env("RAYON_NUM_THREADS", &threads);
+            cmd.env("RAYON_NUM_THREADS", threads.to_string());
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
         let mut child = cmd
             .spawn()
-            .with_context(|| format!("starting client {id}"))?;
-        children.spawn(async move { (id, child.wait().await) });
+            .with_context(|| format!("starting client process {p}"))?;
+        children.spawn(async move { (p, child.wait().await) });
     }
     tracing::info!(
-        "started {} client processes for server {addr}",
+        "started {} clients in {processes} processes for server {addr}",
         args.clients
     );
 
@@ -394,8 +583,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
                         Ok(s) => s.to_string(),
                         Err(e) => e.to_string(),
                     };
-                    tracing::warn!("client {id} exited with {what} before the run finished");
-                    died.push(format!("client {id}: {what}"));
+                    tracing::warn!("client process {id} exited with {what} before the run finished");
+                    died.push(format!("client process {id}: {what}"));
                 }
                 if children.is_empty() {
                     let why = format!(
@@ -415,7 +604,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             if let Ok((id, Ok(status))) = joined
                 && !status.success()
             {
-                died.push(format!("client {id}: {status}"));
+                died.push(format!("client process {id}: {status}"));
             }
         }
     })

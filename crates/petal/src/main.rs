@@ -86,6 +86,14 @@ pub struct ClientArgs {
     /// Seconds after which a worker process is killed and its call reported failed.
     #[arg(long)]
     pub worker_timeout: Option<f64>,
+    /// Logical clients hosted by this process, on partitions
+    /// --partition-id, --partition-id + 1, ...; each joins on its own stream.
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// Clients of this process that fit or evaluate at once (default: the
+    /// number of cores); the others wait their turn.
+    #[arg(long)]
+    pub max_concurrent_fit: Option<usize>,
     #[command(flatten)]
     pub learner: LearnerArgs,
     /// All learner settings as one JSON document, replacing the learner
@@ -118,6 +126,14 @@ pub struct RunArgs {
     /// Seconds a step waits for enough clients before the round is skipped.
     #[arg(long, default_value_t = 600.0)]
     pub wait_timeout: f64,
+    /// Logical clients per client process (they share its connection,
+    /// data and device).
+    #[arg(long, default_value_t = 1)]
+    pub clients_per_process: usize,
+    /// Clients of one process that fit or evaluate at once (default:
+    /// cores / processes, at least 1).
+    #[arg(long)]
+    pub max_concurrent_fit: Option<usize>,
     #[command(flatten)]
     pub round: RoundArgs,
     #[command(flatten)]
