@@ -191,6 +191,61 @@ mod tests {
         assert_eq!(m.finish().unwrap().tensors[0].data, vec![1.0, 1.0]);
     }
 
+    /// FedAvg folding updates one at a time equals FedAvg over all the
+    /// updates held at once (Flower's `aggregate`), in any arrival order.
+    #[test]
+    fn streaming_fedavg_equals_batch_fedavg() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let updates: Vec<(Parameters, f64)> = (0..50)
+            .map(|i| {
+                let t = |n: usize, next: &mut dyn FnMut() -> f32| {
+                    Tensor::new(vec![n], (0..n).map(|_| next()).collect()).unwrap()
+                };
+                let p = Parameters::new(vec![t(37, &mut next), t(5, &mut next)]);
+                (p, (1 + (i * 37) % 500) as f64)
+            })
+            .collect();
+        // Batch: every update in memory, then one weighted sum per value.
+        let total: f64 = updates.iter().map(|u| u.1).sum();
+        let batch: Vec<Vec<f32>> = (0..2)
+            .map(|ti| {
+                let n = updates[0].0.tensors[ti].data.len();
+                (0..n)
+                    .map(|j| {
+                        let s: f64 = updates
+                            .iter()
+                            .map(|(p, w)| w * p.tensors[ti].data[j] as f64)
+                            .sum();
+                        (s / total) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        for order in [
+            (0..50).collect::<Vec<_>>(),
+            (0..50).rev().collect(),
+            (0..50).map(|i| (i * 17) % 50).collect(),
+        ] {
+            let mut m = WeightedMean::new();
+            for &i in &order {
+                m.fold(&updates[i].0, updates[i].1).unwrap();
+            }
+            let out = m.finish().unwrap();
+            for (t, want) in out.tensors.iter().zip(&batch) {
+                for (g, w) in t.data.iter().zip(want) {
+                    assert!(
+                        (g - w).abs() <= f32::EPSILON * w.abs().max(1e-3),
+                        "{g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_mean_is_none() {
         assert!(WeightedMean::new().finish().is_none());

@@ -31,8 +31,8 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Default bound on calls in flight at once (per step).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 
-/// Default memory for model copies in flight: 2 GiB.
-pub const DEFAULT_IN_FLIGHT_BYTES: usize = 2 << 30;
+/// Default memory for model copies in flight: 1 GiB.
+pub const DEFAULT_IN_FLIGHT_BYTES: usize = 1 << 30;
 
 /// Settings of the round loop itself (strategy settings live in the strategy).
 #[derive(Debug, Clone)]

@@ -250,3 +250,45 @@ fn malformed_protobuf_never_panics() {
         }
     });
 }
+
+#[test]
+fn frame_decoder_never_panics_and_ignores_chunking() {
+    use petal_proto::frames::FrameDecoder;
+    // Random bytes, or valid frames (some huge or compressed headers
+    // flipped in), cut into random chunks.
+    let frames =
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..5).prop_map(|msgs| {
+            let mut v = Vec::new();
+            for m in msgs {
+                v.push(0);
+                v.extend_from_slice(&(m.len() as u32).to_be_bytes());
+                v.extend_from_slice(&m);
+            }
+            v
+        });
+    let bytes = prop_oneof![prop::collection::vec(any::<u8>(), 0..200), frames];
+    let strategy = (bytes, prop::collection::vec(1usize..32, 1..20));
+    fuzz("FrameDecoder", strategy, |(bytes, cuts)| {
+        let decode = |sizes: &[usize]| {
+            let mut d = FrameDecoder::new(64);
+            let mut out = Vec::new();
+            let mut rest = bytes.as_slice();
+            for &s in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (head, tail) = rest.split_at(s.min(rest.len()));
+                rest = tail;
+                if let Err(e) = d.push(Bytes::copy_from_slice(head), &mut out) {
+                    return (out, Some(e), d.is_idle());
+                }
+            }
+            (out, None, d.is_idle())
+        };
+        assert_eq!(
+            decode(&cuts),
+            decode(&[bytes.len().max(1)]),
+            "chunking must not matter"
+        );
+    });
+}

@@ -186,7 +186,7 @@ pub struct RoundArgs {
     pub max_in_flight: Option<usize>,
     /// Memory for model copies in flight, in MiB: calls in flight are also
     /// at most this divided by the model's size (0: no such bound).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     pub in_flight_memory_mb: usize,
     /// Seed of client sampling.
     #[arg(long, default_value_t = 0)]

@@ -228,3 +228,61 @@ fn fashion_mnist_two_clients_learn_in_one_round() {
     // One epoch on each half of the 60,000 training images.
     assert!(acc > 0.6, "accuracy after one round: {acc}");
 }
+
+#[test]
+fn many_clients_per_process_in_both_isolation_modes() {
+    for isolation in ["none", "subprocess"] {
+        let h = run_ok(&[
+            "run",
+            "--clients",
+            "12",
+            "--clients-per-process",
+            "5",
+            "--fit-clients",
+            "4",
+            "--rounds",
+            "2",
+            "--isolation",
+            isolation,
+            "--dataset",
+            "synthetic",
+            "--synthetic-shape",
+            "1x16x16",
+            "--synthetic-train",
+            "40",
+            "--synthetic-test",
+            "10",
+        ]);
+        for r in h["rounds"].as_array().unwrap() {
+            assert_eq!(r["fit_results"], 4, "{isolation}: {r}");
+            assert_eq!(
+                r["eval_results"], 12,
+                "{isolation}: twelve distinct nodes: {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn noop_clients_measure_the_framework() {
+    let h = run_ok(&[
+        "run",
+        "--device",
+        "noop",
+        "--clients",
+        "30",
+        "--clients-per-process",
+        "10",
+        "--rounds",
+        "2",
+        "--dataset",
+        "synthetic",
+    ]);
+    let r = &h["rounds"][1];
+    assert_eq!(
+        (r["fit_results"].as_u64(), r["eval_results"].as_u64()),
+        (Some(30), Some(30)),
+        "{r}"
+    );
+    assert_eq!(r["loss"], 0.0);
+}
