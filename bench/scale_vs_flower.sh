@@ -3,14 +3,14 @@
 # total memory and time per round, the largest N each completes, and a
 # plot (bench/results/scale_vs_flower.svg). See bench/scale_vs_flower.py.
 #
-#   bench/scale_vs_flower.sh [N,N,...] [ROUNDS]      (default 2,50,200,1000 and 5)
+#   bench/scale_vs_flower.sh [N,N,...] [ROUNDS]      (default 2,50,200,1000 and 10)
 #
 # Flower comes from a venv created under target/flwr-venv (pip install
 # flwr==1.41.0), or from PETAL_FLWR_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NS=${1:-2,50,200,1000}
-ROUNDS=${2:-5}
+ROUNDS=${2:-10}
 PY=${PETAL_FLWR_PYTHON:-}
 if [ -z "$PY" ]; then
   venv=target/flwr-venv

@@ -64,7 +64,11 @@ impl ConnectOptions {
         let mut e = Endpoint::from_shared(uri)
             .map_err(|_| ClientError::BadAddress(self.server.clone()))?
             .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Many streams share the connection; large frames move a model
+            // in few of them.
+            .initial_connection_window_size(64 * 1024 * 1024)
+            .max_frame_size(1024 * 1024);
         if let Some(i) = self.keepalive_interval {
             e = e
                 .http2_keep_alive_interval(i)

@@ -44,9 +44,7 @@ pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_f32_le(&mut out, data);
     out
 }
 
@@ -93,10 +91,7 @@ pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
             body.len()
         )));
     }
-    let mut data: Vec<f32> = body
-        .chunks_exact(width)
-        .map(|c| header.dtype.read(c, header.little_endian))
-        .collect();
+    let mut data = header.dtype.read_all(body, header.little_endian);
     if header.fortran_order && header.shape.len() > 1 {
         data = fortran_to_c(&data, &header.shape);
     }
@@ -122,41 +117,86 @@ enum DType {
     Bool,
 }
 
+/// Appends `data` as little-endian bytes (one copy on little-endian hosts).
+fn put_f32_le(out: &mut Vec<u8>, data: &[f32]) {
+    out.reserve(data.len() * 4);
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and any byte pattern of it is valid
+        // to read as bytes; the slice covers exactly `data`'s memory.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        out.extend_from_slice(bytes);
+    } else {
+        for v in data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 impl DType {
+    /// Every value of `body` (whole elements of this type) as `f32`, with
+    /// the type decided once, not per element.
+    fn read_all(self, body: &[u8], le: bool) -> Vec<f32> {
+        macro_rules! conv {
+            ($t:ty, $n:expr) => {
+                body.chunks_exact($n)
+                    .map(|c| {
+                        let mut a = [0u8; $n];
+                        a.copy_from_slice(c);
+                        (if le {
+                            <$t>::from_le_bytes(a)
+                        } else {
+                            <$t>::from_be_bytes(a)
+                        }) as f32
+                    })
+                    .collect()
+            };
+        }
+        match self {
+            DType::F32 if le && cfg!(target_endian = "little") => {
+                let mut v = vec![0f32; body.len() / 4];
+                // SAFETY: `v` holds exactly body.len() bytes (whole f32s,
+                // checked by the caller) and every bit pattern is an f32.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        body.as_ptr(),
+                        v.as_mut_ptr() as *mut u8,
+                        v.len() * 4,
+                    );
+                }
+                v
+            }
+            DType::F32 => conv!(f32, 4),
+            DType::F64 => conv!(f64, 8),
+            DType::I16 => conv!(i16, 2),
+            DType::U16 => conv!(u16, 2),
+            DType::I32 => conv!(i32, 4),
+            DType::U32 => conv!(u32, 4),
+            DType::I64 => conv!(i64, 8),
+            DType::U64 => conv!(u64, 8),
+            DType::I8 => body.iter().map(|&b| b as i8 as f32).collect(),
+            DType::U8 => body.iter().map(|&b| b as f32).collect(),
+            DType::Bool => body.iter().map(|&b| (b != 0) as u8 as f32).collect(),
+            DType::F16 => body
+                .chunks_exact(2)
+                .map(|c| {
+                    let h = [c[0], c[1]];
+                    f16_to_f32(if le {
+                        u16::from_le_bytes(h)
+                    } else {
+                        u16::from_be_bytes(h)
+                    })
+                })
+                .collect(),
+        }
+    }
+
     fn width(self) -> usize {
         match self {
             DType::I8 | DType::U8 | DType::Bool => 1,
             DType::F16 | DType::I16 | DType::U16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 => 8,
-        }
-    }
-
-    fn read(self, c: &[u8], le: bool) -> f32 {
-        macro_rules! num {
-            ($t:ty) => {{
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(c);
-                if le {
-                    <$t>::from_le_bytes(a)
-                } else {
-                    <$t>::from_be_bytes(a)
-                }
-            }};
-        }
-        match self {
-            DType::F16 => f16_to_f32(num!(u16)),
-            DType::F32 => num!(f32),
-            DType::F64 => num!(f64) as f32,
-            DType::I8 => c[0] as i8 as f32,
-            DType::U8 => c[0] as f32,
-            DType::Bool => (c[0] != 0) as u8 as f32,
-            DType::I16 => num!(i16) as f32,
-            DType::U16 => num!(u16) as f32,
-            DType::I32 => num!(i32) as f32,
-            DType::U32 => num!(u32) as f32,
-            DType::I64 => num!(i64) as f32,
-            DType::U64 => num!(u64) as f32,
         }
     }
 }

@@ -32,7 +32,6 @@ use petal_proto::frames::{self, ChunkBody, MessageReader};
 use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, serde as wire};
 use prost::Message;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::codegen::http::{HeaderValue, Request, Response};
 
@@ -99,6 +98,11 @@ impl GrpcServer {
             registry,
             max_message_bytes: options.max_message_bytes,
         };
+        // Accepted sockets get TCP_NODELAY: small replies must not wait
+        // for delayed acknowledgements (a 40 ms stall per exchange).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -109,9 +113,10 @@ impl GrpcServer {
                 // a small per-stream window bounds what an unread stream buffers.
                 .max_concurrent_streams(Some(1_000_000))
                 .initial_stream_window_size(Some(256 * 1024))
-                .initial_connection_window_size(Some(16 * 1024 * 1024))
+                .initial_connection_window_size(Some(64 * 1024 * 1024))
+                .max_frame_size(Some(1024 * 1024))
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 }),
         );
