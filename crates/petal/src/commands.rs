@@ -20,7 +20,7 @@ use petal_ml::{
 use petal_server::{GrpcServer, ServerOptions};
 
 use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs, secs};
-use crate::{ClientArgs, Isolation, RunArgs, ServerArgs};
+use crate::{ClientArgs, Isolation, NodeArgs, RunArgs, ServerArgs};
 
 /// The run was stopped by Ctrl-C or SIGTERM (exit status 130).
 #[derive(Debug, thiserror::Error)]
@@ -633,5 +633,126 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         bail!("round {} aggregated no training result ({why})", r.round);
     }
+    Ok(())
+}
+
+/// `petal keys generate`.
+pub fn keys_generate(out: &Path, force: bool) -> anyhow::Result<()> {
+    let public = out.with_file_name(format!(
+        "{}.pub",
+        out.file_name()
+            .map_or("petal-node-key".into(), |n| n.to_string_lossy())
+    ));
+    for p in [out, public.as_path()] {
+        if p.exists() && !force {
+            bail!("{} exists (pass --force to overwrite)", p.display());
+        }
+    }
+    let key = petal_fleet::NodeKey::generate();
+    let comment = "petal-node";
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        f.write_all(key.private_openssh(comment).as_bytes())?;
+    }
+    std::fs::write(&public, key.public_openssh(comment))
+        .with_context(|| format!("writing {}", public.display()))?;
+    println!(
+        "private key: {}\npublic key:  {}",
+        out.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+/// One client for `learner`: a worker process per call, or the model in
+/// this process; no-op clients need neither.
+fn single_client(
+    learner: &LearnerArgs,
+    isolation: Isolation,
+    worker_timeout: Option<f64>,
+    cache: &Path,
+) -> anyhow::Result<Box<dyn petal_core::Client>> {
+    let spec = learner.data.spec()?;
+    let sizes = spec.check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
+    if learner.device()? == Backend::Noop {
+        let examples = sizes.map_or(learner.data.synthetic_train, |(train, _)| {
+            train / learner.num_partitions
+        });
+        return Ok(Box::new(NoopClient::new(
+            learner.data.shape(),
+            10,
+            learner.noop_values,
+            examples as u64,
+        )));
+    }
+    match isolation {
+        Isolation::Subprocess => {
+            let mut l = learner.clone();
+            if !matches!(spec, DatasetSpec::Synthetic(_)) {
+                let part = load_partition(&l)?;
+                let file = cache.join("partition.bin");
+                part.save(&file)?;
+                l.partition_cache = Some(file);
+            }
+            let exe = std::env::current_exe().context("locating the petal executable")?;
+            let args = vec!["worker".into(), "--learner-config".into(), l.to_json()];
+            Ok(Box::new(
+                SubprocessClient::new(exe, args).with_timeout(secs(worker_timeout, false)?),
+            ))
+        }
+        Isolation::None => Ok(Box::new(load_learner_client(learner)?)),
+    }
+}
+
+/// `petal node`: a SuperNode of a Flower federation (Fleet API).
+pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
+    if !(10.0..=1800.0).contains(&args.heartbeat_interval) {
+        bail!("--heartbeat-interval must be between 10 and 1800 seconds");
+    }
+    let key = args
+        .auth_key
+        .as_deref()
+        .map(petal_fleet::NodeKey::load)
+        .transpose()?;
+    let mut connection = petal_fleet::Connection::insecure(&args.superlink);
+    connection.insecure = args.insecure;
+    connection.root_certificates = args.root_certificates.clone();
+    let mut opts = petal_fleet::NodeOptions::new(connection);
+    opts.key = key;
+    opts.heartbeat_interval = Duration::from_secs_f64(args.heartbeat_interval);
+    opts.poll_interval = secs(Some(args.poll_interval), false)?.unwrap_or(Duration::from_secs(1));
+    opts.max_attempts = args.connect_attempts;
+    opts.parameter_names = Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect());
+    let cache = tempfile::Builder::new()
+        .prefix("petal-node-")
+        .tempdir()
+        .context("creating the partition cache folder")?;
+    let learner = args.learner.clone();
+    let (isolation, timeout) = (args.isolation, args.worker_timeout);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("stopping: the node leaves the SuperLink after the current message");
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut client = single_client(&learner, isolation, timeout, cache.path())?;
+        Ok(petal_fleet::run_node(&opts, &mut *client, &stop)?)
+    })
+    .await
+    .context("the node's thread failed")??;
+    tracing::info!(
+        "node stopped after {} replies ({} failed)",
+        summary.replies,
+        summary.failures
+    );
     Ok(())
 }

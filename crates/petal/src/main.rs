@@ -27,12 +27,68 @@ enum Command {
     Client(ClientArgs),
     /// Start a server and N client processes on this machine, and run to completion.
     Run(RunArgs),
+    /// Join a Flower federation as a SuperNode (Fleet API, flwr >= 1.40).
+    Node(NodeArgs),
+    /// Manage node keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure local training speed.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Answer one instruction from stdin (used by `--isolation subprocess`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+/// `petal keys` subcommands.
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Write a new P-256 key pair: PATH (OpenSSH private key, for
+    /// `petal node --auth-key`) and PATH.pub (OpenSSH public key, for
+    /// `flwr supernode register`).
+    Generate {
+        /// Where to write the private key; the public key goes to PATH.pub.
+        #[arg(long, default_value = "petal-node-key")]
+        out: std::path::PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `petal node` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The SuperLink's Fleet API, host:port.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub superlink: String,
+    /// Plain HTTP (no TLS).
+    #[arg(long, conflicts_with = "root_certificates")]
+    pub insecure: bool,
+    /// PEM file of the CA certificate the SuperLink's certificate is signed with.
+    #[arg(long)]
+    pub root_certificates: Option<std::path::PathBuf>,
+    /// Private key registered with the SuperLink (`flwr supernode register`);
+    /// without it the node registers a fresh key itself.
+    #[arg(long)]
+    pub auth_key: Option<std::path::PathBuf>,
+    /// Heartbeat interval announced to the SuperLink, seconds (10-1800).
+    #[arg(long, default_value_t = 30.0)]
+    pub heartbeat_interval: f64,
+    /// Seconds between pulls when the SuperLink has nothing for the node.
+    #[arg(long, default_value_t = 1.0)]
+    pub poll_interval: f64,
+    /// Failed attempts in a row to reach the SuperLink before giving up.
+    #[arg(long, default_value_t = 30)]
+    pub connect_attempts: u32,
+    /// Where train and evaluate run.
+    #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
+    pub isolation: Isolation,
+    /// Seconds after which a worker process is killed and its message answered with an error.
+    #[arg(long)]
+    pub worker_timeout: Option<f64>,
+    #[command(flatten)]
+    pub learner: LearnerArgs,
 }
 
 /// `petal bench` subcommands.
@@ -153,6 +209,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Worker(args) => commands::worker(&args.learner_config),
         Command::Bench(BenchCommand::Train(args)) => bench::train(&args),
+        Command::Keys(KeysCommand::Generate { out, force }) => commands::keys_generate(&out, force),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -163,7 +220,10 @@ fn main() -> std::process::ExitCode {
                         Command::Server(a) => commands::server(&a).await.map(|_| ()),
                         Command::Client(a) => commands::client(&a).await,
                         Command::Run(a) => commands::run(&a).await,
-                        Command::Worker(_) | Command::Bench(_) => unreachable!("handled above"),
+                        Command::Node(a) => commands::node(&a).await,
+                        Command::Worker(_) | Command::Bench(_) | Command::Keys(_) => {
+                            unreachable!("handled above")
+                        }
                     }
                 })
             }),

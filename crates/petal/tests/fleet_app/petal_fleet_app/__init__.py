@@ -1,0 +1,1 @@
+"""Petal's Fleet API interop fixture."""
