@@ -191,13 +191,29 @@ fn join(opts: &NodeOptions) -> Result<Session, FleetError> {
         )?;
     }
     let interval = opts.heartbeat_interval.as_secs_f64();
-    let activated: proto::ActivateNodeResponse = client.call(
-        "activate-node",
-        &proto::ActivateNodeRequest {
-            public_key,
-            heartbeat_interval: interval,
-        },
-    )?;
+    let activated: proto::ActivateNodeResponse = client
+        .call(
+            "activate-node",
+            &proto::ActivateNodeRequest {
+                public_key,
+                heartbeat_interval: interval,
+            },
+        )
+        .map_err(|e| match e {
+            FleetError::Status {
+                rpc,
+                status,
+                detail,
+            } if !self_registered && (400..500).contains(&status) => FleetError::Status {
+                rpc,
+                status,
+                detail: format!(
+                    "{detail} (is this node's public key registered? \
+                     `flwr supernode register KEY.pub`)"
+                ),
+            },
+            e => e,
+        })?;
     let node = proto::Node {
         node_id: activated.node_id,
     };
@@ -282,7 +298,7 @@ fn serve_once(
     tracing::info!(
         run = meta.run_id,
         round = %meta.group_id,
-        "received a {} message",
+        "received {} message",
         meta.message_type
     );
     let started = Instant::now();

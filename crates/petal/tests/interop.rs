@@ -1,9 +1,5 @@
-//! Interoperability with real Flower (`flwr==1.41.0`, legacy gRPC API).
-//!
-//! The first test to need it creates a venv under `target/flwr-venv` (or
-//! uses `$PETAL_FLWR_PYTHON`), installing flwr from the package index.
-//! Set `PETAL_SKIP_INTEROP=1` to skip these tests on machines without
-//! access to PyPI (refused under CI, where they must run).
+//! Interoperability with real Flower (`flwr==1.41.0`, legacy gRPC API);
+//! see `support/flower.rs` for the venv.
 
 mod support;
 
@@ -14,66 +10,10 @@ use std::time::Duration;
 
 use support::wait;
 
-const FLWR: &str = "flwr==1.41.0";
-
-fn skip() -> bool {
-    let skip = std::env::var_os("PETAL_SKIP_INTEROP").is_some();
-    !support::require("the flwr venv (PETAL_SKIP_INTEROP is set)", !skip)
-}
+use support::flower::{no_proxy, python, skip};
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/interop")
-        .join(name)
-}
-
-/// A Python with flwr installed; created once, under a file lock.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PETAL_FLWR_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
-    std::fs::create_dir_all(&target).unwrap();
-    let venv = target.join("flwr-venv");
-    let lock = std::fs::File::create(target.join("flwr-venv.lock")).unwrap();
-    lock.lock().unwrap();
-    let py = venv.join("bin/python");
-    let ready = venv.join(".installed");
-    if !ready.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 is installed");
-        assert!(ok.success(), "python3 -m venv failed");
-        let ok = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", FLWR])
-            .status()
-            .unwrap();
-        assert!(
-            ok.success(),
-            "pip install {FLWR} failed (set PETAL_SKIP_INTEROP=1 offline)"
-        );
-        std::fs::write(&ready, FLWR).unwrap();
-    }
-    py
-}
-
-/// A command with proxies removed: grpcio would send loopback traffic to them.
-fn no_proxy(mut c: Command) -> Command {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-        "grpc_proxy",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("no_proxy", "127.0.0.1,localhost");
-    c
+    support::flower::fixture("interop", name)
 }
 
 #[test]

@@ -1,0 +1,326 @@
+//! Petal nodes in a real Flower federation (Fleet API, `flwr==1.41.0`): a
+//! Flower SuperLink runs the FedAvg ServerApp of `tests/fleet/app`, Python
+//! SuperNodes and `petal node`s answer it side by side. The ServerApp checks
+//! every aggregate against NumPy and prints `PETAL-CHECK` lines.
+
+mod support;
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use support::flower::{fixture, no_proxy, python, skip, tool};
+use support::{eventually, free_port, petal, wait};
+
+/// A child process in its own process group, killed with it on drop.
+struct Proc {
+    child: Child,
+    name: String,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr in `dir/<name>.log`.
+    fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).unwrap();
+        let child = cmd
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
+        Proc {
+            child,
+            name: name.into(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM to the process, then its exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        signal("TERM", &format!("{}", self.child.id()));
+        wait(&mut self.child, &self.name, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal("KILL", &format!("-{}", self.child.id()));
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(sig: &str, target: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), "--", target])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A Flower tool with the venv first on `PATH` (the SuperLink and the
+/// SuperNode start `flwr-serverapp` and `flwr-clientapp` by name).
+fn flower(name: &str, home: &Path) -> Command {
+    let bin = tool(name);
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = no_proxy(Command::new(&bin));
+    c.env("PATH", path).env("FLWR_HOME", home);
+    c
+}
+
+/// A SuperLink on a free port, with its `flwr` configuration.
+struct Federation {
+    dir: tempfile::TempDir,
+    addr: String,
+    tls: bool,
+    superlink: Proc,
+}
+
+impl Federation {
+    /// Starts a SuperLink: plain HTTP, or TLS with node authentication.
+    fn start(tls: bool) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("flwr-home");
+        std::fs::create_dir_all(&home).unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "[superlink]\ndefault = \"local\"\n\n[superlink.local]\naddress = \"{addr}\"\n"
+        );
+        let mut cmd = flower("flower-superlink", &home);
+        cmd.current_dir(dir.path())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--disable-runtime-dependency-installation");
+        if tls {
+            let ok = Command::new(python())
+                .arg(fixture("fleet", "make_certs.py"))
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(ok.success(), "make_certs.py failed");
+            let ca = dir.path().join("ca.crt");
+            config += &format!("root-certificates = \"{}\"\n", ca.display());
+            cmd.args([
+                "--ssl-certfile",
+                "server.pem",
+                "--ssl-keyfile",
+                "server.key",
+            ])
+            .args(["--ssl-ca-certfile", "ca.crt", "--enable-supernode-auth"]);
+        } else {
+            config += "insecure = true\n";
+            cmd.arg("--insecure");
+        }
+        std::fs::write(home.join("config.toml"), config).unwrap();
+        let superlink = Proc::spawn(cmd, dir.path(), "superlink");
+        let up = eventually(Duration::from_secs(120), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        assert!(up, "the SuperLink does not listen:\n{}", superlink.log());
+        Federation {
+            dir,
+            addr,
+            tls,
+            superlink,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn flwr(&self) -> Command {
+        let mut c = flower("flwr", &self.path("flwr-home"));
+        c.current_dir(self.dir.path());
+        c
+    }
+
+    /// `petal node` number `i` of `n` (synthetic CIFAR-shaped data).
+    fn petal_node(&self, i: usize, n: usize, isolation: &str, extra: &[&str]) -> Command {
+        let mut c = petal();
+        c.env("RUST_LOG", "info")
+            .args(["node", "--superlink", &self.addr])
+            .args(["--dataset", "synthetic", "--synthetic-shape", "3x32x32"])
+            .args(["--partition-id", &i.to_string()])
+            .args(["--num-partitions", &n.to_string()])
+            .args(["--isolation", isolation])
+            .args(extra);
+        if self.tls {
+            c.arg("--root-certificates").arg(self.path("ca.crt"));
+        } else {
+            c.arg("--insecure");
+        }
+        c
+    }
+
+    /// A key for a Petal node, registered with the SuperLink when `register`.
+    fn key(&self, name: &str, register: bool) -> PathBuf {
+        let key = self.path(name);
+        let out = petal()
+            .args(["keys", "generate", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        if register {
+            let out = self
+                .flwr()
+                .args(["supernode", "register"])
+                .arg(key.with_extension("pub"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "flwr supernode register failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        key
+    }
+
+    /// `flwr run` of the test app over `nodes` nodes for `rounds` rounds;
+    /// its output.
+    fn run(&self, nodes: usize, rounds: usize) -> String {
+        let mut cmd = self.flwr();
+        cmd.arg("run")
+            .arg(fixture("fleet", "app"))
+            .args(["local", "--stream", "--run-config"])
+            .arg(format!("num-server-rounds={rounds} min-nodes={nodes}"));
+        let mut run = Proc::spawn(cmd, self.dir.path(), "flwr-run");
+        let status = wait(&mut run.child, "flwr run", Duration::from_secs(600));
+        let out = run.log();
+        assert!(
+            status.success(),
+            "flwr run failed:\n{out}\nSuperLink:\n{}",
+            self.superlink.log()
+        );
+        out
+    }
+}
+
+/// Asserts every round's aggregate has `nodes` replies, no errors and
+/// matches NumPy's weighted mean; then that the run finished.
+fn check_rounds(out: &str, nodes: usize, rounds: usize) {
+    for r in 1..=rounds {
+        let prefix = format!("PETAL-CHECK round {r}: ");
+        let line = out
+            .lines()
+            .find_map(|l| l.split_once(&prefix).map(|(_, rest)| rest))
+            .unwrap_or_else(|| panic!("no check of round {r}:\n{out}"));
+        assert!(
+            line.starts_with(&format!("{nodes} replies, 0 errors,")),
+            "round {r}: {line}"
+        );
+        let diff: f64 = line
+            .split("= ")
+            .nth(1)
+            .and_then(|d| d.split_whitespace().next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("round {r}: no difference in {line:?}"));
+        assert!(diff < 1e-5, "round {r}: aggregate differs by {diff}");
+    }
+    assert!(out.contains("PETAL-DONE"), "the run did not finish:\n{out}");
+}
+
+/// The replies a stopped node reports (`node stopped after N replies (F failed)`).
+fn replies(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("node stopped after ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("the node did not stop cleanly:\n{log}"));
+    let num = |s: &str| {
+        s.trim_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .unwrap()
+    };
+    let mut words = line.split_whitespace();
+    let n = num(words.next().unwrap());
+    let f = num(words.nth(1).unwrap());
+    (n, f)
+}
+
+#[test]
+fn petal_nodes_train_beside_a_flower_supernode() {
+    if skip() {
+        return;
+    }
+    let fed = Federation::start(false);
+    let supernode_port = free_port().to_string();
+    let mut supernode = flower("flower-supernode", &fed.path("flwr-home"));
+    supernode
+        .current_dir(fed.dir.path())
+        .args(["--insecure", "--superlink", &fed.addr])
+        .args(["--port", &supernode_port]);
+    let _supernode = Proc::spawn(supernode, fed.dir.path(), "supernode");
+    let mut nodes: Vec<Proc> = ["none", "subprocess"]
+        .iter()
+        .enumerate()
+        .map(|(i, iso)| {
+            let cmd = fed.petal_node(i, 2, iso, &["--heartbeat-interval", "10"]);
+            Proc::spawn(cmd, fed.dir.path(), &format!("petal-node-{i}"))
+        })
+        .collect();
+
+    let rounds = 3;
+    let out = fed.run(3, rounds);
+    check_rounds(&out, 3, rounds);
+
+    for node in &mut nodes {
+        let status = node.terminate();
+        let log = node.log();
+        assert!(status.success(), "{} failed:\n{log}", node.name);
+        // One train and one evaluate reply per round, none failed.
+        assert_eq!(replies(&log), (2 * rounds as u64, 0), "{log}");
+    }
+}
+
+#[test]
+fn petal_nodes_join_over_tls_with_node_authentication() {
+    if skip() {
+        return;
+    }
+    let fed = Federation::start(true);
+    let keys = [fed.key("node0", true), fed.key("node1", true)];
+    let mut nodes: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let key = key.to_str().unwrap();
+            let cmd = fed.petal_node(i, 2, "none", &["--auth-key", key]);
+            Proc::spawn(cmd, fed.dir.path(), &format!("petal-node-{i}"))
+        })
+        .collect();
+
+    // A key the SuperLink does not know is turned away with a clear reason.
+    let rogue = fed.key("rogue", false);
+    let out = fed
+        .petal_node(2, 3, "none", &["--auth-key", rogue.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unregistered node joined:\n{err}");
+    assert!(
+        err.contains("activate-node") && err.contains("flwr supernode register"),
+        "{err}"
+    );
+
+    let rounds = 2;
+    let out = fed.run(2, rounds);
+    check_rounds(&out, 2, rounds);
+    for node in &mut nodes {
+        assert!(node.terminate().success(), "{}", node.log());
+        assert_eq!(replies(&node.log()), (2 * rounds as u64, 0));
+    }
+}
