@@ -290,10 +290,11 @@ fn serve_once(
         return Ok(());
     };
     let Some(meta) = msg.metadata.clone() else {
-        return Err(FleetError::Malformed {
-            rpc: "pull-messages".into(),
-            reason: "a message without metadata".into(),
-        });
+        // Nothing to reply to: skip it (the SuperLink does not send a
+        // message twice).
+        tracing::warn!("the SuperLink sent a message without metadata; skipped");
+        summary.failures += 1;
+        return Ok(());
     };
     tracing::info!(
         run = meta.run_id,
@@ -302,7 +303,12 @@ fn serve_once(
         meta.message_type
     );
     let started = Instant::now();
-    let objects = pull_objects(s, meta.run_id, &tree, stop)?;
+    // Objects that are missing, corrupt or unparsable fail this message
+    // (an error reply), not the node.
+    let objects = match pull_objects(s, meta.run_id, &tree, stop) {
+        Err(FleetError::Malformed { reason, .. }) => Err(format!("bad message objects: {reason}")),
+        r => Ok(r?),
+    };
     s.client.call::<proto::ConfirmMessageReceivedResponse>(
         "confirm-message-received",
         &proto::ConfirmMessageReceivedRequest {
@@ -311,7 +317,8 @@ fn serve_once(
             message_object_id: meta.message_id.clone(),
         },
     )?;
-    let (content, error) = match answer(&meta, &tree, &objects, client, opts) {
+    let answered = objects.and_then(|objects| answer(&meta, &tree, &objects, client, opts));
+    let (content, error) = match answered {
         Ok(content) => (Some(content), None),
         Err(reason) => {
             tracing::warn!("{} failed: {reason}", meta.message_type);
@@ -517,8 +524,9 @@ fn names_for(names: &[String], p: &Parameters) -> Result<Vec<(String, ArrayData)
         .collect())
 }
 
-/// The `config` record as a client config; Flower's `server-round` is
-/// also given as Petal's `server_round`.
+/// The `config` record as a client config; kebab-case keys are also given
+/// in snake case (Flower's `server-round` as Petal's `server_round`), and
+/// Flower's customary `local-epochs` as `epochs`.
 fn config_of(content: &RecordDict) -> Config {
     let mut config = Config::new();
     for (_, r) in content {
@@ -537,6 +545,11 @@ fn config_of(content: &RecordDict) -> Config {
                 config.insert(k.clone(), s);
             }
         }
+    }
+    if !config.contains_key("epochs")
+        && let Some(e) = config.get("local_epochs").cloned()
+    {
+        config.insert("epochs".into(), e);
     }
     config
 }
@@ -650,5 +663,19 @@ mod tests {
         let config = config_of(&c);
         assert_eq!(config["server_round"], Scalar::I64(4));
         assert_eq!(config["server-round"], Scalar::I64(4));
+    }
+
+    #[test]
+    fn local_epochs_means_epochs_unless_epochs_is_given() {
+        let with = |items: Vec<(&str, i64)>| {
+            let items = items
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), RecordValue::Sint(v)))
+                .collect();
+            config_of(&vec![("config".into(), Record::Config(items))])
+        };
+        assert_eq!(with(vec![("local-epochs", 3)])["epochs"], Scalar::I64(3));
+        let both = with(vec![("local-epochs", 3), ("epochs", 2)]);
+        assert_eq!(both["epochs"], Scalar::I64(2));
     }
 }

@@ -1,8 +1,10 @@
 """FedAvg (Flower's Message API) over whatever nodes join: Python
 SuperNodes and Petal nodes alike. After each training round it checks the
 aggregate against NumPy's example-weighted mean of the replies and prints
-`PETAL-CHECK round R: N replies, max |aggregate - numpy| = D`; at the end
-`PETAL-DONE` and the history of losses."""
+`PETAL-CHECK round R: N replies, max |aggregate - numpy| = D`, after each
+round `PETAL-ROUND R S` (its wall time in seconds, for bench/fleet_vs_flower.py);
+at the end `PETAL-DONE` and the history of losses."""
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -16,6 +18,16 @@ app = ServerApp()
 
 
 class CheckedFedAvg(FedAvg):
+    def configure_train(self, server_round, arrays, config, grid):
+        self.round_started = time.perf_counter()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        metrics = super().aggregate_evaluate(server_round, replies)
+        took = time.perf_counter() - self.round_started
+        print(f"PETAL-ROUND {server_round} {took:.3f}", flush=True)
+        return metrics
+
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
