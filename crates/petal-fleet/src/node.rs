@@ -32,6 +32,7 @@ const CLIENT_ERROR: i64 = 2;
 /// Settings of a node.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
+    /// How to reach the SuperLink.
     pub connection: Connection,
     /// A key registered beforehand (`flwr supernode register`); `None`: a
     /// fresh key, registered by the node itself and unregistered at the end.
@@ -65,10 +66,15 @@ impl NodeOptions {
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// A call failed in a way retrying cannot fix (a refused join, a bad setting).
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// The SuperLink could not be reached `max_attempts` times in a row.
     #[error("the SuperLink stayed unreachable for {attempts} attempts: {last}")]
     Unreachable { attempts: u32, last: String },
+    /// The SuperLink forgot the node again after each of `max_attempts` joins.
+    #[error("the SuperLink refused this node {times} times in a row after it joined: {last}")]
+    Refused { times: u32, last: String },
 }
 
 /// What a node did.
@@ -115,11 +121,13 @@ pub fn run_node(
     let mut summary = NodeSummary::default();
     let mut session: Option<Session> = None;
     let mut failures = 0u32;
+    let mut forgotten = 0u32;
     let mut backoff = Duration::from_millis(250);
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
+        let serving = session.is_some();
         let step = match &session {
             None => join(opts).map(|s| {
                 tracing::info!(
@@ -135,6 +143,9 @@ pub fn run_node(
             Ok(()) => {
                 failures = 0;
                 backoff = Duration::from_millis(250);
+                if serving {
+                    forgotten = 0;
+                }
             }
             Err(e) if e.is_transient() => {
                 failures += 1;
@@ -157,13 +168,22 @@ pub fn run_node(
                 },
             ) if session.is_some() => {
                 // The SuperLink no longer knows this node (it restarted):
-                // join again.
-                tracing::warn!("{e}; joining again");
+                // join again, soon; give up if it keeps refusing the node.
                 if let Some(s) = session.take() {
                     s.heartbeat_stop.store(true, Ordering::Relaxed);
                 }
-                failures += 1;
-                if pause(backoff, stop) {
+                forgotten += 1;
+                if forgotten > opts.max_attempts.max(1) {
+                    break Err(NodeError::Refused {
+                        times: forgotten,
+                        last: e.to_string(),
+                    });
+                }
+                let wait = Duration::from_millis(250)
+                    .saturating_mul(1 << forgotten.min(6))
+                    .min(Duration::from_secs(10));
+                tracing::warn!("{e}; joining again in {:.1}s", wait.as_secs_f64());
+                if pause(wait, stop) {
                     break Ok(());
                 }
             }

@@ -92,15 +92,10 @@ impl Federation {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("flwr-home");
         std::fs::create_dir_all(&home).unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", free_port());
         let mut config = format!(
             "[superlink]\ndefault = \"local\"\n\n[superlink.local]\naddress = \"{addr}\"\n"
         );
-        let mut cmd = flower("flower-superlink", &home);
-        cmd.current_dir(dir.path())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--disable-runtime-dependency-installation");
         if tls {
             let ok = Command::new(python())
                 .arg(fixture("fleet", "make_certs.py"))
@@ -110,6 +105,27 @@ impl Federation {
             assert!(ok.success(), "make_certs.py failed");
             let ca = dir.path().join("ca.crt");
             config += &format!("root-certificates = \"{}\"\n", ca.display());
+        } else {
+            config += "insecure = true\n";
+        }
+        std::fs::write(home.join("config.toml"), config).unwrap();
+        let superlink = Self::superlink(dir.path(), &addr, tls, "superlink");
+        Federation {
+            dir,
+            addr,
+            tls,
+            superlink,
+        }
+    }
+
+    /// A SuperLink process on `addr`, once it listens.
+    fn superlink(dir: &Path, addr: &str, tls: bool, name: &str) -> Proc {
+        let (host, port) = addr.split_once(':').unwrap();
+        let mut cmd = flower("flower-superlink", &dir.join("flwr-home"));
+        cmd.current_dir(dir)
+            .args(["--host", host, "--port", port])
+            .arg("--disable-runtime-dependency-installation");
+        if tls {
             cmd.args([
                 "--ssl-certfile",
                 "server.pem",
@@ -118,21 +134,45 @@ impl Federation {
             ])
             .args(["--ssl-ca-certfile", "ca.crt", "--enable-supernode-auth"]);
         } else {
-            config += "insecure = true\n";
             cmd.arg("--insecure");
         }
-        std::fs::write(home.join("config.toml"), config).unwrap();
-        let superlink = Proc::spawn(cmd, dir.path(), "superlink");
+        let superlink = Proc::spawn(cmd, dir, name);
         let up = eventually(Duration::from_secs(120), || {
-            std::net::TcpStream::connect(&addr).is_ok()
+            std::net::TcpStream::connect(addr).is_ok()
         });
         assert!(up, "the SuperLink does not listen:\n{}", superlink.log());
-        Federation {
-            dir,
-            addr,
-            tls,
-            superlink,
-        }
+        superlink
+    }
+
+    /// Stops the SuperLink (with everything it started) and starts a new
+    /// one on the same address, with empty state.
+    fn restart_superlink(&mut self) {
+        signal("TERM", &format!("-{}", self.superlink.child.id()));
+        wait(
+            &mut self.superlink.child,
+            "superlink",
+            Duration::from_secs(60),
+        );
+        self.superlink = Self::superlink(self.dir.path(), &self.addr, self.tls, "superlink-2");
+    }
+
+    /// Waits until the SuperLink lists `n` online nodes.
+    fn wait_online(&self, n: usize) {
+        let online = eventually(Duration::from_secs(120), || {
+            let out = self
+                .flwr()
+                .args(["supernode", "list", "--format", "json"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.iter().filter(|x| x["status"] == "online").count() >= n
+        });
+        assert!(
+            online,
+            "{n} nodes are not online:\n{}",
+            self.superlink.log()
+        );
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -323,4 +363,25 @@ fn petal_nodes_join_over_tls_with_node_authentication() {
         assert!(node.terminate().success(), "{}", node.log());
         assert_eq!(replies(&node.log()), (2 * rounds as u64, 0));
     }
+}
+
+#[test]
+fn a_petal_node_rejoins_a_restarted_superlink() {
+    if skip() {
+        return;
+    }
+    let mut fed = Federation::start(false);
+    let cmd = fed.petal_node(0, 1, "none", &["--connect-attempts", "60"]);
+    let mut node = Proc::spawn(cmd, fed.dir.path(), "petal-node");
+    fed.wait_online(1);
+    // The new SuperLink knows nothing of the node: it must notice and join
+    // again by itself (after retrying while the SuperLink was down).
+    fed.restart_superlink();
+    let out = fed.run(1, 1);
+    check_rounds(&out, 1, 1);
+    let status = node.terminate();
+    let log = node.log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("joining again"), "{log}");
+    assert_eq!(replies(&log), (2, 0), "{log}");
 }
