@@ -229,7 +229,8 @@ fn join(opts: &NodeOptions) -> Result<Session, FleetError> {
                 status,
                 detail: format!(
                     "{detail} (is this node's public key registered? \
-                     `flwr supernode register KEY.pub`)"
+                     `flwr supernode register KEY.pub`; a node with this key that \
+                     stopped without leaving stays online for 2 heartbeat intervals)"
                 ),
             },
             e => e,
