@@ -17,6 +17,7 @@ pub mod round;
 pub mod run_dir;
 pub mod strategy;
 pub mod types;
+pub mod utc;
 
 pub use checkpoint::Checkpoint;
 pub use client::Client;
