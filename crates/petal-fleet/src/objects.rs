@@ -148,43 +148,38 @@ fn py_json_str_map(entries: &[(String, String)]) -> String {
     s
 }
 
-/// Parses a flat JSON object of strings, keeping its order.
+/// Parses a flat JSON object of strings in document order; a repeated key
+/// keeps its first place and its last value, as Python's `json.loads`.
 fn parse_str_map(id: &str, body: &[u8]) -> Result<Vec<(String, String)>, ObjectError> {
-    // serde_json keeps the order of a JSON array, so read the object's
-    // entries through the raw text: each key and value is a JSON string.
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| invalid(id, format!("body is not JSON: {e}")))?;
-    let serde_json::Value::Object(map) = v else {
-        return Err(invalid(id, "body is not a JSON object"));
-    };
-    // Recover the order from the text: find each key's position.
-    let text = std::str::from_utf8(body).map_err(|_| invalid(id, "body is not UTF-8"))?;
-    let mut entries: Vec<(usize, String, String)> = Vec::with_capacity(map.len());
-    for (k, v) in map {
-        let serde_json::Value::String(v) = v else {
-            return Err(invalid(id, format!("value of '{k}' is not a string")));
-        };
-        let mut key = String::new();
-        py_json_str(&k, &mut key);
-        let at = find_key(text, &key).unwrap_or(usize::MAX);
-        entries.push((at, k, v));
-    }
-    entries.sort_by_key(|e| e.0);
-    Ok(entries.into_iter().map(|(_, k, v)| (k, v)).collect())
-}
-
-/// Position of `"key"` used as a key (followed by `:`) in a JSON object text.
-fn find_key(text: &str, quoted: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = text[from..].find(quoted) {
-        let at = from + i;
-        let rest = text[at + quoted.len()..].trim_start();
-        if rest.starts_with(':') {
-            return Some(at);
+    struct Ordered(Vec<(String, String)>);
+    impl<'de> serde::Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Entries;
+            impl<'de> serde::de::Visitor<'de> for Entries {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object whose values are strings")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Ordered, A::Error> {
+                    let mut out: Vec<(String, String)> = Vec::new();
+                    while let Some((k, v)) = map.next_entry::<String, String>()? {
+                        match out.iter_mut().find(|(seen, _)| *seen == k) {
+                            Some(entry) => entry.1 = v,
+                            None => out.push((k, v)),
+                        }
+                    }
+                    Ok(Ordered(out))
+                }
+            }
+            d.deserialize_map(Entries)
         }
-        from = at + quoted.len();
     }
-    None
+    serde_json::from_slice::<Ordered>(body)
+        .map(|o| o.0)
+        .map_err(|e| invalid(id, format!("body is not a JSON object of strings: {e}")))
 }
 
 /// One value of a config or metric record.

@@ -167,3 +167,25 @@ fn hostile_objects_are_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("children differ"), "{e}");
 }
+
+#[test]
+fn string_maps_keep_document_order_whatever_the_keys() {
+    // A key that is a suffix of another's escaped text (found by fuzzing:
+    // `"é\\"` inside `"b\"é\\"`) once confused the order.
+    let entries: Vec<(String, String)> = ["b\"é\\", "é", "é\\", "z", "a"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.to_string(), i.to_string()))
+        .collect();
+    let text = py_json_str_map(&entries);
+    assert_eq!(parse_str_map("x", text.as_bytes()).unwrap(), entries);
+    // A repeated key: first place, last value (Python's json.loads).
+    let dup = br#"{"a": "1", "b": "2", "a": "3"}"#;
+    assert_eq!(
+        parse_str_map("x", dup).unwrap(),
+        [("a".into(), "3".into()), ("b".into(), "2".into())]
+    );
+    for bad in [&br#"["a"]"#[..], br#"{"a": 1}"#, b"{"] {
+        assert!(parse_str_map("x", bad).is_err());
+    }
+}
