@@ -14,3 +14,15 @@ pub trait Client: Send {
     /// Evaluates the given parameters on local test data.
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError>;
 }
+
+impl<C: Client + ?Sized> Client for Box<C> {
+    fn get_parameters(&mut self, config: &Config) -> Result<Parameters, CoreError> {
+        (**self).get_parameters(config)
+    }
+    fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError> {
+        (**self).fit(ins)
+    }
+    fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
+        (**self).evaluate(ins)
+    }
+}

@@ -68,10 +68,18 @@ pub struct NodeArgs {
     /// PEM file of the CA certificate the SuperLink's certificate is signed with.
     #[arg(long)]
     pub root_certificates: Option<std::path::PathBuf>,
-    /// Private key registered with the SuperLink (`flwr supernode register`);
-    /// without it the node registers a fresh key itself.
+    /// Private key registered with the SuperLink (`flwr supernode register`),
+    /// once per node; without it each node registers a fresh key itself.
     #[arg(long)]
-    pub auth_key: Option<std::path::PathBuf>,
+    pub auth_key: Vec<std::path::PathBuf>,
+    /// SuperNodes hosted by this process, on partitions --partition-id,
+    /// --partition-id + 1, ...; each joins the SuperLink on its own.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Nodes of this process that train or evaluate at once (default: the
+    /// number of cores); the others wait their turn.
+    #[arg(long)]
+    pub max_concurrent_fit: Option<usize>,
     /// Heartbeat interval announced to the SuperLink, seconds (10-1800).
     #[arg(long, default_value_t = 30.0)]
     pub heartbeat_interval: f64,

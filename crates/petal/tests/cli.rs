@@ -197,6 +197,50 @@ fn unreachable_server_gives_up_with_a_message() {
 }
 
 #[test]
+fn node_settings_are_checked_before_joining() {
+    fn node<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["node", "--insecure", "--dataset", "synthetic"];
+        a.extend_from_slice(extra);
+        a
+    }
+    fails_with(
+        &node(&["--nodes", "2", "--num-partitions", "2", "--auth-key", "k0"]),
+        "--auth-key is given 1 times for 2 nodes",
+    );
+    fails_with(
+        &node(&["--nodes", "3", "--num-partitions", "2"]),
+        "partitions 0..3 do not exist",
+    );
+    fails_with(&node(&["--heartbeat-interval", "5"]), "between 10 and 1800");
+    fails_with(
+        &node(&["--auth-key", "/nonexistent/key"]),
+        "/nonexistent/key",
+    );
+    fails_with(
+        &node(&[
+            "--superlink",
+            "http://127.0.0.1:1",
+            "--connect-attempts",
+            "1",
+        ]),
+        "expected host:port",
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    fails_with(
+        &node(&[
+            "--superlink",
+            &format!("127.0.0.1:{port}"),
+            "--connect-attempts",
+            "2",
+        ]),
+        "unreachable for 2 attempts",
+    );
+}
+
+#[test]
 fn bad_flags_are_refused() {
     fails_with(&["client", "--device", "tpu"], "unknown device 'tpu'");
     fails_with(

@@ -304,25 +304,25 @@ fn petal_nodes_train_beside_a_flower_supernode() {
         .args(["--insecure", "--superlink", &fed.addr])
         .args(["--port", &supernode_port]);
     let _supernode = Proc::spawn(supernode, fed.dir.path(), "supernode");
-    let mut nodes: Vec<Proc> = ["none", "subprocess"]
-        .iter()
-        .enumerate()
-        .map(|(i, iso)| {
-            let cmd = fed.petal_node(i, 2, iso, &["--heartbeat-interval", "10"]);
-            Proc::spawn(cmd, fed.dir.path(), &format!("petal-node-{i}"))
-        })
-        .collect();
+    // One node with its model in the process; two nodes sharing another
+    // process, each message in a worker process.
+    let one = fed.petal_node(0, 3, "none", &["--heartbeat-interval", "10"]);
+    let two = fed.petal_node(1, 3, "subprocess", &["--nodes", "2"]);
+    let mut nodes = [
+        (Proc::spawn(one, fed.dir.path(), "petal-node-0"), 1),
+        (Proc::spawn(two, fed.dir.path(), "petal-nodes-1-2"), 2),
+    ];
 
     let rounds = 3;
-    let out = fed.run(3, rounds);
-    check_rounds(&out, 3, rounds);
+    let out = fed.run(4, rounds);
+    check_rounds(&out, 4, rounds);
 
-    for node in &mut nodes {
+    for (node, k) in &mut nodes {
         let status = node.terminate();
         let log = node.log();
         assert!(status.success(), "{} failed:\n{log}", node.name);
-        // One train and one evaluate reply per round, none failed.
-        assert_eq!(replies(&log), (2 * rounds as u64, 0), "{log}");
+        // One train and one evaluate reply per node and round, none failed.
+        assert_eq!(replies(&log), (2 * rounds as u64 * *k, 0), "{log}");
     }
 }
 
@@ -332,16 +332,16 @@ fn petal_nodes_join_over_tls_with_node_authentication() {
         return;
     }
     let fed = Federation::start(true);
-    let keys = [fed.key("node0", true), fed.key("node1", true)];
-    let mut nodes: Vec<Proc> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, key)| {
-            let key = key.to_str().unwrap();
-            let cmd = fed.petal_node(i, 2, "none", &["--auth-key", key]);
-            Proc::spawn(cmd, fed.dir.path(), &format!("petal-node-{i}"))
-        })
-        .collect();
+    // Two nodes in one process, each with its own registered key.
+    let (k0, k1) = (fed.key("node0", true), fed.key("node1", true));
+    let keys = [
+        "--auth-key",
+        k0.to_str().unwrap(),
+        "--auth-key",
+        k1.to_str().unwrap(),
+    ];
+    let cmd = fed.petal_node(0, 2, "none", &[&["--nodes", "2"], &keys[..]].concat());
+    let mut nodes = Proc::spawn(cmd, fed.dir.path(), "petal-nodes");
 
     // A key the SuperLink does not know is turned away with a clear reason.
     let rogue = fed.key("rogue", false);
@@ -359,10 +359,8 @@ fn petal_nodes_join_over_tls_with_node_authentication() {
     let rounds = 2;
     let out = fed.run(2, rounds);
     check_rounds(&out, 2, rounds);
-    for node in &mut nodes {
-        assert!(node.terminate().success(), "{}", node.log());
-        assert_eq!(replies(&node.log()), (2 * rounds as u64, 0));
-    }
+    assert!(nodes.terminate().success(), "{}", nodes.log());
+    assert_eq!(replies(&nodes.log()), (2 * 2 * rounds as u64, 0));
 }
 
 #[test]
