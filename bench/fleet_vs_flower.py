@@ -2,9 +2,11 @@
 
     python3 bench/fleet_vs_flower.py PETAL FLWR_BIN OUT_DIR [--n 1,10] [--rounds 6]
 
-For each N and each kind of node (Flower's `flower-supernode`, `petal node`;
-`--kinds petal-subprocess` adds `petal node --isolation subprocess`, the
-same as `petal` with no-op training, which needs no worker), starts
+For each N and each kind of node (`flower`: Flower's `flower-supernode`;
+`petal`: a `petal node` process per node; `petal-shared`: one `petal node
+--nodes N` process; `petal-subprocess`: `petal node --isolation
+subprocess`, the same as `petal` with no-op training, which needs no
+worker), starts
 a fresh SuperLink (plain HTTP, 127.0.0.1), N nodes, waits until all are
 online, and runs the FedAvg ServerApp of crates/petal/tests/fleet/app for
 ROUNDS rounds with no-op training on every node (Flower: a NumPy ClientApp
@@ -14,11 +16,11 @@ process trees only (the SuperLink and ServerApp are the same for all):
 - idle memory once all nodes are online (RSS and PSS, from /proc),
 - peak memory during the run (sampled every 0.2 s),
 - CPU seconds the nodes used during the run (user + system, including
-  finished children),
+  finished children), and those of the SuperLink with the ServerApp,
 - the median wall time of rounds 2..ROUNDS as the ServerApp sees it
   (round 1 includes waiting for the nodes).
 
-Prints a Markdown table and writes OUT_DIR/fleet_vs_flower.json.
+Prints a Markdown table and writes OUT_DIR/fleet_vs_flower.json (or --name).
 """
 import argparse
 import json
@@ -132,6 +134,12 @@ def measure(kind: str, n: int, rounds: int, petal: Path, flwr_bin: Path) -> dict
                 if kind == "flower":
                     cmd = [flwr_bin / "flower-supernode", "--insecure",
                            "--superlink", addr, "--port", str(free_port())]
+                elif kind == "petal-shared":
+                    if i > 0:
+                        continue
+                    cmd = [petal, "node", "--insecure", "--superlink", addr,
+                           "--device", "noop", "--dataset", "synthetic",
+                           "--nodes", str(n), "--num-partitions", str(n)]
                 else:
                     isolation = "subprocess" if kind.endswith("subprocess") else "none"
                     cmd = [petal, "node", "--insecure", "--superlink", addr,
@@ -148,6 +156,7 @@ def measure(kind: str, n: int, rounds: int, petal: Path, flwr_bin: Path) -> dict
                 time.sleep(0.5)
             idle_rss, idle_pss = idle[-1]
             cpu0 = cpu1 = cpu_s(memory(roots)[2])
+            link0 = cpu_s(tree(superlink.pid))
 
             out = tmp / "run.txt"
             with open(out, "w") as f:
@@ -167,6 +176,7 @@ def measure(kind: str, n: int, rounds: int, petal: Path, flwr_bin: Path) -> dict
                     run.kill()
             lines = out.read_text().splitlines()
             cpu1 = max(cpu1, cpu_s(memory(roots)[2]))
+            link_cpu = cpu_s(tree(superlink.pid)) - link0
             round_s = {}
             for line in lines:
                 if "PETAL-ROUND" in line:
@@ -181,6 +191,7 @@ def measure(kind: str, n: int, rounds: int, petal: Path, flwr_bin: Path) -> dict
                 "idle_rss_mb": round(idle_rss, 1), "idle_pss_mb": round(idle_pss, 1),
                 "peak_rss_mb": round(peak_rss, 1), "peak_pss_mb": round(peak_pss, 1),
                 "node_cpu_s": round(cpu1 - cpu0, 2),
+                "superlink_cpu_s": round(link_cpu, 2),
                 "round_s": round(statistics.median(steady), 3) if steady else None,
                 "round_times": [round_s[r] for r in sorted(round_s)],
             }
@@ -198,21 +209,24 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--n", default="1,10")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--kinds", default="flower,petal")
+    ap.add_argument("--kinds", default="flower,petal,petal-shared")
+    ap.add_argument("--name", default="fleet_vs_flower", help="OUT_DIR/NAME.json")
     a = ap.parse_args()
     results = []
-    print("| nodes | node | idle RSS MB | idle PSS MB | peak PSS MB | node CPU s | round s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| nodes | node | idle RSS MB | idle PSS MB | peak PSS MB | node CPU s "
+          "| SuperLink CPU s | round s |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in [int(x) for x in a.n.split(",")]:
         for kind in a.kinds.split(","):
             r = measure(kind, n, a.rounds, a.petal.resolve(), a.flwr_bin.resolve())
             results.append(r)
             flag = "" if r["ok"] else " (FAILED)"
             print(f"| {n} | {kind}{flag} | {r['idle_rss_mb']} | {r['idle_pss_mb']} | "
-                  f"{r['peak_pss_mb']} | {r['node_cpu_s']} | {r['round_s']} |", flush=True)
+                  f"{r['peak_pss_mb']} | {r['node_cpu_s']} | {r['superlink_cpu_s']} | "
+                  f"{r['round_s']} |", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    (a.out / "fleet_vs_flower.json").write_text(
+    (a.out / f"{a.name}.json").write_text(
         json.dumps({"machine": machine, "results": results}, indent=1) + "\n"
     )
     return 0 if all(r["ok"] for r in results) else 1

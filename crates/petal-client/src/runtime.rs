@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use bytes::Bytes;
+use petal_core::backoff::Backoff;
 use petal_core::{Client, CoreError};
 use petal_proto::flwr::{self, client_message as cm, server_message as sm};
 use petal_proto::frames::{self, ChunkBody, MessageReader};
@@ -79,55 +80,14 @@ impl ConnectOptions {
     }
 }
 
-/// A factor in [0.5, 1], different for every call and process (the delay
-/// jitter; it need not be a strong random number).
-fn jitter() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    let mut z = nanos
-        ^ (u64::from(std::process::id()) << 32)
-        ^ CALLS
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    0.5 + 0.5 * (z >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Exponential backoff with jitter.
-struct Backoff {
-    next: Duration,
-    attempts: u32,
-}
-
-impl Backoff {
-    fn new(opts: &ConnectOptions) -> Self {
-        Backoff {
-            next: opts.initial_backoff,
-            attempts: 0,
-        }
-    }
-
-    /// Counts a failed attempt; the delay before the next, or `None` when
-    /// the attempts are used up.
-    fn failed(&mut self, opts: &ConnectOptions) -> Option<Duration> {
-        self.attempts += 1;
-        if self.attempts >= opts.max_attempts.max(1) {
-            return None;
-        }
-        let delay = self.next.mul_f64(jitter());
-        self.next = (self.next * 2).min(opts.max_backoff);
-        Some(delay)
-    }
+/// Backoff between attempts to reach the server.
+fn connect_backoff(opts: &ConnectOptions) -> Backoff {
+    Backoff::new(opts.initial_backoff, opts.max_backoff, opts.max_attempts)
 }
 
 async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     let endpoint = opts.endpoint()?;
-    let mut backoff = Backoff::new(opts);
+    let mut backoff = connect_backoff(opts);
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
@@ -135,7 +95,7 @@ async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
                 let reason = std::error::Error::source(&e)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| e.to_string());
-                let Some(delay) = backoff.failed(opts) else {
+                let Some(delay) = backoff.failed() else {
                     return Err(ClientError::Unreachable {
                         addr: opts.server.clone(),
                         attempts: backoff.attempts,
@@ -213,7 +173,7 @@ async fn serve<C: Client + 'static>(
     slots: Arc<Semaphore>,
 ) -> Result<(), ClientError> {
     let mut slot = Some(client);
-    let mut backoff = Backoff::new(&opts);
+    let mut backoff = connect_backoff(&opts);
     loop {
         match session(&opts, channel.clone(), &mut slot, &slots).await {
             Ended::Finished => {
@@ -222,14 +182,14 @@ async fn serve<C: Client + 'static>(
             }
             Ended::Reconnect(delay) => {
                 tracing::info!("server asked to reconnect in {}s", delay.as_secs());
-                backoff = Backoff::new(&opts);
+                backoff = connect_backoff(&opts);
                 tokio::time::sleep(delay).await;
             }
             Ended::Lost { reason, joined } => {
                 if joined {
-                    backoff = Backoff::new(&opts);
+                    backoff = connect_backoff(&opts);
                 }
-                let Some(delay) = backoff.failed(&opts) else {
+                let Some(delay) = backoff.failed() else {
                     return Err(ClientError::Unreachable {
                         addr: opts.server.clone(),
                         attempts: backoff.attempts,
@@ -488,9 +448,9 @@ mod tests {
     fn backoff_doubles_with_jitter_and_gives_up() {
         let mut opts = ConnectOptions::new("x:1");
         opts.max_attempts = 5;
-        let mut b = Backoff::new(&opts);
+        let mut b = connect_backoff(&opts);
         let mut delays = Vec::new();
-        while let Some(d) = b.failed(&opts) {
+        while let Some(d) = b.failed() {
             delays.push(d);
         }
         assert_eq!(delays.len(), 4);

@@ -92,46 +92,79 @@ impl WeightedMean {
     }
 }
 
-/// Running weighted mean of scalars (loss, accuracy).
+/// Running weighted mean of scalars (loss, accuracy), kept as a mean
+/// rather than a sum: finite values can never make it overflow (a client
+/// reporting 1e308 moves the mean, it does not make it infinite).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ScalarMean {
-    sum: f64,
+    mean: f64,
     weight: f64,
 }
 
 impl ScalarMean {
-    /// Adds `value` with weight `weight`.
+    /// Adds `value` with weight `weight`; a value or weight that is not
+    /// finite, or a weight that is not positive, is ignored.
     pub fn add(&mut self, value: f64, weight: f64) {
-        self.sum += value * weight;
-        self.weight += weight;
+        if !(value.is_finite() && weight.is_finite() && weight > 0.0) {
+            return;
+        }
+        let total = self.weight + weight;
+        // Both terms are at most max(|mean|, |value|) in magnitude.
+        let mean = self.mean * (self.weight / total) + value * (weight / total);
+        if mean.is_finite() {
+            self.mean = mean;
+            self.weight = total;
+        }
     }
 
     /// The weighted mean, or `None` if no weight was added.
     pub fn mean(&self) -> Option<f64> {
-        (self.weight > 0.0).then(|| self.sum / self.weight)
+        (self.weight > 0.0).then_some(self.mean)
     }
 }
 
+/// Most distinct metric names one aggregate keeps (more are dropped, with
+/// a warning): clients choose metric names, and every name kept is kept in
+/// every round of the history.
+pub const MAX_METRIC_KEYS: usize = 256;
+
 /// Running example-weighted mean of every numeric metric clients report
-/// (the default metrics aggregation, as Flower's `weighted_average`).
+/// (the default metrics aggregation, as Flower's `weighted_average`), at
+/// most [`MAX_METRIC_KEYS`] names.
 #[derive(Debug, Default, Clone)]
 pub struct MetricsMean {
     means: std::collections::BTreeMap<String, ScalarMean>,
+    dropped: usize,
 }
 
 impl MetricsMean {
     /// Adds one client's metrics, weighted by its example count; values
-    /// that are not finite numbers are ignored.
+    /// that are not finite numbers are ignored, and so are new names once
+    /// [`MAX_METRIC_KEYS`] are kept.
     pub fn add(&mut self, metrics: &Config, weight: f64) {
         for (k, v) in metrics {
-            if let Some(x) = v.as_f64().filter(|x| x.is_finite()) {
-                self.means.entry(k.clone()).or_default().add(x, weight);
+            let Some(x) = v.as_f64().filter(|x| x.is_finite()) else {
+                continue;
+            };
+            let kept = self.means.len();
+            match self.means.get_mut(k) {
+                Some(m) => m.add(x, weight),
+                None if kept < MAX_METRIC_KEYS => {
+                    self.means.entry(k.clone()).or_default().add(x, weight);
+                }
+                None => self.dropped += 1,
             }
         }
     }
 
-    /// The means so far.
+    /// The means so far (and a warning if names were dropped).
     pub fn finish(&self) -> Metrics {
+        if self.dropped > 0 {
+            tracing::warn!(
+                "{} metric values were dropped: at most {MAX_METRIC_KEYS} metric names are aggregated",
+                self.dropped
+            );
+        }
         self.means
             .iter()
             .filter_map(|(k, m)| m.mean().map(|v| (k.clone(), v)))
@@ -165,6 +198,37 @@ mod tests {
         m.add(&c(1.0), 300.0);
         m.add(&c(f64::NAN), 300.0);
         assert_eq!(m.finish(), [("accuracy".to_string(), 0.875)].into());
+    }
+
+    #[test]
+    fn means_of_huge_finite_values_stay_finite() {
+        let mut m = ScalarMean::default();
+        m.add(1e308, 1e6);
+        m.add(1.7e308, 3e6);
+        m.add(f64::INFINITY, 1.0);
+        let v = m.mean().unwrap();
+        assert!(v.is_finite() && v > 1e308, "{v}");
+        let mut mm = MetricsMean::default();
+        let c = |x: f64| -> Config { [("loss".to_string(), Scalar::Double(x))].into() };
+        mm.add(&c(1e308), 1e18);
+        mm.add(&c(-1e308), 1e18);
+        mm.add(&c(1e308), 1e18);
+        let got = mm.finish()["loss"];
+        assert!(got.is_finite(), "{got}");
+    }
+
+    #[test]
+    fn metric_names_are_capped() {
+        let mut mm = MetricsMean::default();
+        for i in 0..(MAX_METRIC_KEYS + 50) {
+            let c: Config = [(format!("m{i:05}"), Scalar::Double(1.0))].into();
+            mm.add(&c, 1.0);
+        }
+        let c: Config = [("m00000".to_string(), Scalar::Double(3.0))].into();
+        mm.add(&c, 1.0);
+        let out = mm.finish();
+        assert_eq!(out.len(), MAX_METRIC_KEYS);
+        assert_eq!(out["m00000"], 2.0, "known names keep aggregating");
     }
 
     #[test]

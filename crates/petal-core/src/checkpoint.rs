@@ -4,6 +4,11 @@
 //! file (`torch`/`safetensors.torch.load_file` reads the model directly,
 //! under PyTorch's `state_dict` names). Everything but the tensors lives in
 //! the file's `__metadata__`, so one atomic rename saves all of it.
+//!
+//! A CRC-32 over the header (without itself) and the data detects a
+//! damaged file: one flipped byte anywhere is refused on resume, never
+//! resumed from silently. `history_crc32` ties the checkpoint to the
+//! history of the rounds it holds (see [`history_digest`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +20,8 @@ use crate::types::{CoreError, Parameters, Tensor, shape_len};
 /// A checkpoint file larger than this header is refused (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 const META: &str = "__metadata__";
+/// The format this version writes (with a CRC-32).
+const FORMAT: &str = "petal-checkpoint-2";
 
 /// The state after a round.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +36,30 @@ pub struct Checkpoint {
     pub strategy_state: Value,
     /// Seed of client sampling (the sampler derives each round's generator from it).
     pub sample_seed: u64,
+    /// [`history_digest`] of the history up to `round`; `None` in
+    /// checkpoints written before it was recorded.
+    pub history_crc32: Option<u32>,
+}
+
+/// A digest of the recorded rounds `1..=round` of `history` (and the
+/// initial evaluation), as its JSON: the checkpoint of a round keeps it, so
+/// a resumed run refuses a history that lost, reordered or changed rounds.
+pub fn history_digest(history: &crate::History, round: u64) -> u32 {
+    let rounds: Vec<&crate::RoundRecord> =
+        history.rounds.iter().filter(|r| r.round <= round).collect();
+    let mut h = crc32fast::Hasher::new();
+    if let Ok(text) = serde_json::to_vec(&(&history.initial_centralized, rounds)) {
+        h.update(&text);
+    }
+    h.finalize()
+}
+
+/// CRC-32 of a header's canonical JSON (without the checksum) and the data.
+fn checksum(header: &serde_json::Map<String, Value>, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(Value::Object(header.clone()).to_string().as_bytes());
+    h.update(data);
+    h.finalize()
 }
 
 /// `names` when they name each tensor once, else `tensor_0`, `tensor_1`, ...
@@ -60,26 +91,33 @@ impl Checkpoint {
             );
             offset = end;
         }
-        header.insert(
-            META.into(),
-            json!({
-                "format": "petal-checkpoint-1",
-                "round": self.round.to_string(),
-                "sample_seed": self.sample_seed.to_string(),
-                "strategy_state": self.strategy_state.to_string(),
-            }),
-        );
+        let mut meta = json!({
+            "format": FORMAT,
+            "round": self.round.to_string(),
+            "sample_seed": self.sample_seed.to_string(),
+            "strategy_state": self.strategy_state.to_string(),
+        });
+        if let (Some(crc), Some(m)) = (self.history_crc32, meta.as_object_mut()) {
+            m.insert("history_crc32".into(), Value::String(format!("{crc:08x}")));
+        }
+        header.insert(META.into(), meta);
+        let mut data = Vec::with_capacity(offset);
+        for t in &self.parameters.tensors {
+            for v in &t.data {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let crc = checksum(&header, &data);
+        if let Some(m) = header.get_mut(META).and_then(Value::as_object_mut) {
+            m.insert("crc32".into(), Value::String(format!("{crc:08x}")));
+        }
         let mut text = Value::Object(header).to_string();
         // Pad so the data starts 8-byte aligned, as the format recommends.
         text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
-        let mut out = Vec::with_capacity(8 + text.len() + offset);
+        let mut out = Vec::with_capacity(8 + text.len() + data.len());
         out.extend_from_slice(&(text.len() as u64).to_le_bytes());
         out.extend_from_slice(text.as_bytes());
-        for t in &self.parameters.tensors {
-            for v in &t.data {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
+        out.extend_from_slice(&data);
         out
     }
 
@@ -98,9 +136,36 @@ impl Checkpoint {
             .checked_add(header_len as usize)
             .filter(|&e| e <= bytes.len())
             .ok_or_else(|| bad("header runs past the end of the file"))?;
-        let header: BTreeMap<String, Value> = serde_json::from_slice(&bytes[8..header_end])
-            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+        let mut header: serde_json::Map<String, Value> =
+            serde_json::from_slice(&bytes[8..header_end])
+                .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
         let data = &bytes[header_end..];
+        let format = header
+            .get(META)
+            .and_then(|m| m.get("format"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let stored = header
+            .get_mut(META)
+            .and_then(Value::as_object_mut)
+            .and_then(|m| m.remove("crc32"));
+        match (format.as_str(), stored) {
+            // Written before checksums were recorded.
+            ("petal-checkpoint-1", None) => {}
+            (FORMAT, Some(Value::String(crc))) => {
+                let want = u32::from_str_radix(&crc, 16)
+                    .map_err(|_| bad(format!("crc32 '{crc}' is not a hexadecimal number")))?;
+                let got = checksum(&header, data);
+                if got != want {
+                    return Err(bad(format!(
+                        "the file is damaged: its CRC-32 is {got:08x}, the header says {want:08x}"
+                    )));
+                }
+            }
+            (FORMAT, _) => return Err(bad("no crc32 in the metadata")),
+            (other, _) => return Err(bad(format!("unknown format '{other}'"))),
+        }
         let mut meta: BTreeMap<String, String> = BTreeMap::new();
         let mut entries = Vec::new();
         for (name, v) in header {
@@ -129,12 +194,20 @@ impl Checkpoint {
         };
         let strategy_state = serde_json::from_str(field("strategy_state")?)
             .map_err(|e| bad(format!("strategy_state is not JSON: {e}")))?;
+        let history_crc32 = match meta.get("history_crc32") {
+            None => None,
+            Some(h) => Some(
+                u32::from_str_radix(h, 16)
+                    .map_err(|_| bad(format!("history_crc32 '{h}' is not hexadecimal")))?,
+            ),
+        };
         Ok(Checkpoint {
             round: number("round")?,
             parameters: Arc::new(Parameters::new(tensors)),
             names,
             strategy_state,
             sample_seed: number("sample_seed")?,
+            history_crc32,
         })
     }
 }
@@ -196,6 +269,7 @@ mod tests {
             names: vec!["fc.weight".into(), "b".into(), "a".into()],
             strategy_state: json!({"momentum": [1.5, 2.5]}),
             sample_seed: u64::MAX,
+            history_crc32: Some(0xdead_beef),
         }
     }
 
@@ -214,6 +288,24 @@ mod tests {
                 .collect()
         };
         assert_eq!(bits(&back.parameters), bits(&c.parameters));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let good = checkpoint().to_safetensors();
+        let mut accepted = Vec::new();
+        for i in 0..good.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = good.clone();
+                bad[i] ^= bit;
+                if let Ok(c) = Checkpoint::from_safetensors(&bad)
+                    && c != checkpoint()
+                {
+                    accepted.push(i);
+                }
+            }
+        }
+        assert!(accepted.is_empty(), "damaged bytes resumed: {accepted:?}");
     }
 
     #[test]
@@ -241,7 +333,7 @@ mod tests {
             v.extend_from_slice(&[0; 8]);
             v
         };
-        let meta = r#""__metadata__":{"round":"1","sample_seed":"0","strategy_state":"null"}"#;
+        let meta = r#""__metadata__":{"format":"petal-checkpoint-1","round":"1","sample_seed":"0","strategy_state":"null"}"#;
         for h in [
             format!(r#"{{"x":{{"dtype":"F32","shape":[3],"data_offsets":[0,8]}},{meta}}}"#),
             format!(r#"{{"x":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}},{meta}}}"#),

@@ -59,6 +59,49 @@ pub struct RoundRecord {
     pub elapsed_seconds: f64,
 }
 
+/// Drops values that are not finite numbers (JSON cannot hold them, and a
+/// history must always read back), saying which.
+fn keep_finite(what: &str, m: &mut Metrics) {
+    m.retain(|k, v| {
+        let keep = v.is_finite();
+        if !keep {
+            tracing::warn!("{what} '{k}' is {v}; not recorded");
+        }
+        keep
+    });
+}
+
+fn finite(what: &str, v: &mut Option<f64>) {
+    if let Some(x) = *v
+        && !x.is_finite()
+    {
+        tracing::warn!("{what} is {x}; not recorded");
+        *v = None;
+    }
+}
+
+impl EvaluateSummary {
+    /// Removes the values that are not finite (see [`RoundRecord::finite_only`]).
+    pub fn finite_only(&mut self) {
+        finite("centralized loss", &mut self.loss);
+        keep_finite("centralized metric", &mut self.metrics);
+    }
+}
+
+impl RoundRecord {
+    /// Removes every value that is not a finite number, with a warning:
+    /// JSON would write it as `null`, and the history would not read back.
+    pub fn finite_only(&mut self) {
+        finite("loss", &mut self.loss);
+        finite("accuracy", &mut self.accuracy);
+        keep_finite("fit metric", &mut self.fit_metrics);
+        keep_finite("metric", &mut self.metrics);
+        if let Some(c) = &mut self.centralized {
+            c.finite_only();
+        }
+    }
+}
+
 /// How a run ended (or that it has not yet).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -196,6 +239,32 @@ mod tests {
             lines[2]
         );
         assert!(h.summary().contains("round 2: skipped"));
+    }
+
+    #[test]
+    fn a_history_with_non_finite_values_reads_back() {
+        let mut r = RoundRecord {
+            round: 1,
+            loss: Some(f64::INFINITY),
+            accuracy: Some(0.5),
+            fit_metrics: [("a".to_string(), f64::NAN), ("b".to_string(), 1.0)].into(),
+            centralized: Some(EvaluateSummary {
+                loss: Some(f64::NAN),
+                metrics: [("accuracy".to_string(), f64::NEG_INFINITY)].into(),
+            }),
+            ..Default::default()
+        };
+        let mut h = History::new();
+        h.rounds.push(r.clone());
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(serde_json::from_str::<History>(&json).is_err(), "{json}");
+        r.finite_only();
+        h.rounds[0] = r;
+        let json = serde_json::to_string(&h).unwrap();
+        let back: History = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.rounds[0].fit_metrics.len(), 1);
+        assert_eq!(back.rounds[0].accuracy, Some(0.5));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! (`petal-ml` implements [`Client`]).
 
 pub mod aggregate;
+pub mod backoff;
 pub mod checkpoint;
 pub mod client;
 pub mod client_manager;

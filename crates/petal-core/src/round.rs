@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 
-use crate::checkpoint::{Checkpoint, tensor_names};
+use crate::checkpoint::{Checkpoint, history_digest, tensor_names};
 use crate::client_manager::{ClientManager, ClientProxy};
 use crate::history::{Failure, History, RoundRecord, RunStatus};
 use crate::strategy::{Instruction, Phase, Strategy};
@@ -131,7 +131,10 @@ pub async fn run_federation(
         None => {
             let p = initial_parameters(manager, strategy, config).await?;
             let mut h = History::new();
-            h.initial_centralized = strategy.evaluate(0, &p);
+            h.initial_centralized = strategy.evaluate(0, &p).map(|mut e| {
+                e.finite_only();
+                e
+            });
             (h, Arc::new(p), 1, config.sample_seed)
         }
     };
@@ -172,6 +175,7 @@ pub async fn run_federation(
         }
         record.round_seconds = round_start.elapsed().as_secs_f64();
         record.elapsed_seconds = elapsed_before + start.elapsed().as_secs_f64();
+        record.finite_only();
         log_round(&record);
         let skip_reason = record.skipped.clone();
         history.rounds.push(record);
@@ -181,6 +185,7 @@ pub async fn run_federation(
             names: names.clone(),
             strategy_state: strategy.state(),
             sample_seed: seed,
+            history_crc32: Some(history_digest(&history, round)),
         };
         observer.round_done(&history, &checkpoint)?;
         match skip_reason {
@@ -220,13 +225,7 @@ fn log_round(r: &RoundRecord) {
 /// The sampling generator of one step: a function of the seed, the round
 /// and the step only.
 fn step_rng(seed: u64, round: u64, salt: u64) -> StdRng {
-    fn mix(mut z: u64) -> u64 {
-        // splitmix64
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+    use crate::backoff::mix64 as mix;
     StdRng::seed_from_u64(mix(seed ^ mix(round.wrapping_mul(4).wrapping_add(salt))))
 }
 
@@ -421,6 +420,7 @@ impl Step<'_> {
 }
 
 fn failure(record: &mut RoundRecord, node: NodeId, phase: Phase, reason: String) {
+    let reason = truncate_reason(&reason);
     tracing::warn!("{node}: {} failed: {reason}", phase.name());
     record.failures.push(Failure {
         node: Some(node),
@@ -501,8 +501,15 @@ async fn fan_out<I, R, F, Fut>(
     observer.step_finished();
 }
 
-/// Parameters from the strategy, or from one client after another until
-/// one gives a usable model.
+/// Clients asked for the initial parameters at once: a silent client
+/// costs the others nothing, and the first usable answer wins.
+const INITIAL_PARAMETERS_AT_ONCE: usize = 8;
+
+/// Parameters from the strategy, or from the clients: up to
+/// [`INITIAL_PARAMETERS_AT_ONCE`] are asked at once (more as they join or
+/// fail), and the first usable model wins. The calls still running then
+/// finish in the background, their answers unused, so no stream is left
+/// out of step.
 async fn initial_parameters(
     manager: &dyn ClientManager,
     strategy: &mut dyn Strategy,
@@ -517,12 +524,30 @@ async fn initial_parameters(
     let mut rng = step_rng(config.sample_seed, 0, 0);
     let mut tried: BTreeSet<NodeId> = BTreeSet::new();
     let mut failures: Vec<String> = Vec::new();
+    let mut asking: JoinSet<(NodeId, Result<Parameters, String>)> = JoinSet::new();
+    let timeout = config.call_timeout;
     loop {
         let ids = manager.node_ids();
-        let fresh: Vec<NodeId> = ids.iter().copied().filter(|n| !tried.contains(n)).collect();
-        if fresh.is_empty() {
-            let waiting = ids.len() + 1;
-            if !manager.wait_for(waiting, config.wait_timeout).await {
+        let mut fresh: Vec<NodeId> = ids.iter().copied().filter(|n| !tried.contains(n)).collect();
+        while asking.len() < INITIAL_PARAMETERS_AT_ONCE && !fresh.is_empty() {
+            let node = fresh.swap_remove(rng.random_range(0..fresh.len()));
+            tried.insert(node);
+            let Some(client) = manager.get(node) else {
+                continue;
+            };
+            tracing::info!("requesting initial parameters from {node}");
+            asking.spawn(async move {
+                let outcome = match client.get_parameters(Config::new(), timeout).await {
+                    Ok(p) if p.tensors.is_empty() => Err("sent no tensors".to_string()),
+                    Ok(p) => p.check_like(&p).map(|()| p).map_err(|e| e.to_string()),
+                    Err(e) => Err(reason(e)),
+                };
+                (node, outcome)
+            });
+        }
+        let more = ids.len() + 1;
+        let joined = if asking.is_empty() {
+            if !manager.wait_for(more, config.wait_timeout).await {
                 let why = if failures.is_empty() {
                     "no client connected".to_string()
                 } else {
@@ -531,31 +556,46 @@ async fn initial_parameters(
                 return Err(CoreError::NoInitialParameters(why));
             }
             continue;
-        }
-        let node = fresh[rng.random_range(0..fresh.len())];
-        tried.insert(node);
-        let Some(client) = manager.get(node) else {
-            continue;
-        };
-        tracing::info!("requesting initial parameters from {node}");
-        let timeout = config.call_timeout;
-        let task = tokio::spawn(async move { client.get_parameters(Config::new(), timeout).await });
-        let outcome = match task.await {
-            Ok(Ok(p)) if p.tensors.is_empty() => Err("sent no tensors".to_string()),
-            Ok(Ok(p)) => p.check_like(&p).map(|()| p).map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(reason(e)),
-            Err(e) => {
-                manager.drop_client(node);
-                Err(format!("the server's task for this client failed: {e}"))
+        } else if asking.len() < INITIAL_PARAMETERS_AT_ONCE {
+            tokio::select! {
+                j = asking.join_next_with_id() => j,
+                _ = manager.wait_for(more, None) => continue,
             }
+        } else {
+            asking.join_next_with_id().await
+        };
+        let (node, outcome) = match joined {
+            Some(Ok((_, answer))) => answer,
+            Some(Err(e)) => {
+                let why = format!("the server's task for this client failed: {e}");
+                tracing::warn!("get_parameters: {why}");
+                failures.push(why);
+                continue;
+            }
+            None => continue,
         };
         match outcome {
-            Ok(p) => return Ok(p),
+            Ok(p) => {
+                tracing::info!("initial parameters from {node}");
+                asking.detach_all();
+                return Ok(p);
+            }
             Err(why) => {
                 tracing::warn!("{node}: get_parameters failed: {why}");
-                failures.push(format!("{node}: {why}"));
+                failures.push(format!("{node}: {}", truncate_reason(&why)));
             }
         }
+    }
+}
+
+/// Longest failure reason kept (a reason may quote what a client sent).
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// `why`, cut to [`MAX_REASON_CHARS`] characters.
+pub fn truncate_reason(why: &str) -> String {
+    match why.char_indices().nth(MAX_REASON_CHARS) {
+        None => why.to_string(),
+        Some((i, _)) => format!("{}… ({} bytes in all)", &why[..i], why.len()),
     }
 }
 

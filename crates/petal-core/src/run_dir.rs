@@ -3,6 +3,12 @@
 //! written atomically (temporary file, fsync, rename), so a crash, Ctrl-C
 //! or `kill -9` at any moment leaves the last complete round on disk, and
 //! [`RunDir::resume`] continues from it.
+//!
+//! A run folder is used by one process at a time: an exclusive lock on
+//! `.lock` (held while the [`RunDir`] lives) refuses a second server with
+//! the same `--out` or `--resume`. Resuming checks the checkpoint's CRC
+//! and that the history holds exactly rounds 1..=R of a checkpoint after
+//! round R, with the digest the checkpoint recorded.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +25,8 @@ pub const HISTORY_JSON: &str = "history.json";
 pub const HISTORY_CSV: &str = "history.csv";
 /// The latest checkpoint.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// Held locked while a process uses the folder.
+pub const LOCK: &str = ".lock";
 
 fn io(path: &Path, e: std::io::Error) -> CoreError {
     CoreError::Io(format!("{}: {e}", path.display()))
@@ -54,13 +62,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
 pub struct RunDir {
     dir: PathBuf,
     history: Mutex<History>,
+    /// The folder's lock, held while this value lives.
+    _lock: std::fs::File,
+}
+
+/// Takes the exclusive lock of `dir` (which must exist), or says who holds it.
+fn lock(dir: &Path) -> Result<std::fs::File, CoreError> {
+    let path = dir.join(LOCK);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {
+            use std::io::Seek;
+            let _ = f.set_len(0);
+            let _ = f.seek(std::io::SeekFrom::Start(0));
+            let _ = write!(f, "{}", std::process::id());
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another process".to_string()
+            } else {
+                format!("process {holder}")
+            };
+            Err(CoreError::Invalid(format!(
+                "{} is in use by {who}: one run folder serves one server at a time",
+                dir.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path, e)),
+    }
 }
 
 impl RunDir {
     /// Creates `dir` for a new run; refuses a folder that already holds a
-    /// run (continue it with [`RunDir::resume`] instead).
+    /// run (continue it with [`RunDir::resume`] instead) or that another
+    /// process uses.
     pub fn create(dir: &Path) -> Result<RunDir, CoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let lock = lock(dir)?;
         if dir.join(HISTORY_JSON).exists() || dir.join(CHECKPOINT).exists() {
             return Err(CoreError::Invalid(format!(
                 "{} already holds a run: pass --resume {0} to continue it, or choose another --out",
@@ -70,12 +117,22 @@ impl RunDir {
         Ok(RunDir {
             dir: dir.to_path_buf(),
             history: Mutex::new(History::new()),
+            _lock: lock,
         })
     }
 
     /// Opens the run in `dir` to continue it: its checkpoint and its
-    /// history up to the checkpoint's round.
+    /// history up to the checkpoint's round. Refuses a damaged checkpoint,
+    /// a missing history, and a history that does not hold exactly the
+    /// rounds the checkpoint recorded.
     pub fn resume(dir: &Path) -> Result<(RunDir, Resume), CoreError> {
+        if !dir.is_dir() {
+            return Err(CoreError::Invalid(format!(
+                "{}: no such run folder",
+                dir.display()
+            )));
+        }
+        let lock = lock(dir)?;
         let path = dir.join(CHECKPOINT);
         let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
         let checkpoint = Checkpoint::from_safetensors(&bytes)
@@ -85,14 +142,44 @@ impl RunDir {
             Ok(text) => serde_json::from_slice::<History>(&text).map_err(|e| {
                 CoreError::Invalid(format!("{}: not a Petal history: {e}", hpath.display()))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => History::new(),
-            Err(e) => return Err(io(&hpath, e)),
+            Err(e) => {
+                return Err(CoreError::Invalid(format!(
+                    "{}: {e}; the checkpoint holds {} rounds whose history is needed to resume",
+                    hpath.display(),
+                    checkpoint.round
+                )));
+            }
         };
         history.rounds.retain(|r| r.round <= checkpoint.round);
+        let numbers: Vec<u64> = history.rounds.iter().map(|r| r.round).collect();
+        if !numbers.iter().copied().eq(1..=checkpoint.round) {
+            let held = match (numbers.first(), numbers.last()) {
+                (Some(a), Some(b)) => format!("{} records of rounds {a}..{b}", numbers.len()),
+                _ => "no rounds".to_string(),
+            };
+            return Err(CoreError::Invalid(format!(
+                "{}: holds {held}, but the checkpoint is after round {}: \
+                 the history is incomplete or out of order",
+                hpath.display(),
+                checkpoint.round
+            )));
+        }
+        if let Some(want) = checkpoint.history_crc32 {
+            let got = crate::checkpoint::history_digest(&history, checkpoint.round);
+            if got != want {
+                return Err(CoreError::Invalid(format!(
+                    "{}: its rounds 1..{} differ from those the checkpoint recorded \
+                     (digest {got:08x}, expected {want:08x})",
+                    hpath.display(),
+                    checkpoint.round
+                )));
+            }
+        }
         history.status = RunStatus::Running;
         let run = RunDir {
             dir: dir.to_path_buf(),
             history: Mutex::new(history.clone()),
+            _lock: lock,
         };
         Ok((
             run,
@@ -153,6 +240,7 @@ mod tests {
             names: vec!["w".into()],
             strategy_state: serde_json::Value::Null,
             sample_seed: 3,
+            history_crc32: None,
         }
     }
 
@@ -173,6 +261,9 @@ mod tests {
         }
         // Round 3 was never checkpointed: it is not in the resumed history.
         let e = RunDir::create(&dir).err().unwrap().to_string();
+        assert!(e.contains("in use by process"), "{e}");
+        drop(run);
+        let e = RunDir::create(&dir).err().unwrap().to_string();
         assert!(e.contains("--resume"), "{e}");
         let (_, resume) = RunDir::resume(&dir).unwrap();
         assert_eq!(resume.checkpoint, checkpoint(2));
@@ -183,6 +274,71 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn history(rounds: &[u64]) -> History {
+        let mut h = History::new();
+        for &round in rounds {
+            h.rounds.push(RoundRecord {
+                round,
+                ..Default::default()
+            });
+        }
+        h
+    }
+
+    #[test]
+    fn a_folder_serves_one_process_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = RunDir::create(tmp.path()).unwrap();
+        let again = RunDir::create(tmp.path()).err().unwrap().to_string();
+        assert!(again.contains("in use by process"), "{again}");
+        first.round_done(&history(&[1]), &checkpoint(1)).unwrap();
+        let resumed = RunDir::resume(tmp.path()).err().unwrap().to_string();
+        assert!(resumed.contains("in use"), "{resumed}");
+        drop(first);
+        assert!(RunDir::resume(tmp.path()).is_ok());
+    }
+
+    #[test]
+    fn a_missing_short_or_reordered_history_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path()).unwrap();
+        let h = history(&[1, 2, 3]);
+        let mut c = checkpoint(3);
+        c.history_crc32 = Some(crate::checkpoint::history_digest(&h, 3));
+        run.round_done(&h, &c).unwrap();
+        drop(run);
+        assert!(RunDir::resume(tmp.path()).is_ok());
+        let write = |h: &History| {
+            std::fs::write(
+                tmp.path().join(HISTORY_JSON),
+                serde_json::to_vec(h).unwrap(),
+            )
+            .unwrap()
+        };
+        for (bad, want) in [
+            (history(&[1, 2]), "holds 2 records of rounds 1..2"),
+            (history(&[1, 3, 2]), "out of order"),
+            (history(&[]), "no rounds"),
+        ] {
+            write(&bad);
+            let e = RunDir::resume(tmp.path()).err().unwrap().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut changed = h.clone();
+        changed.rounds[1].loss = Some(0.5);
+        write(&changed);
+        let e = RunDir::resume(tmp.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("differ from those the checkpoint recorded"),
+            "{e}"
+        );
+        std::fs::remove_file(tmp.path().join(HISTORY_JSON)).unwrap();
+        let e = RunDir::resume(tmp.path()).err().unwrap().to_string();
+        assert!(e.contains("history is needed"), "{e}");
+        write(&h);
+        assert!(RunDir::resume(tmp.path()).is_ok());
     }
 
     #[test]

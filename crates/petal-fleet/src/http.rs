@@ -34,13 +34,24 @@ pub enum FleetError {
 }
 
 impl FleetError {
-    /// True when trying again later may succeed (transport errors, 5xx).
+    /// True when trying again later may succeed: transport errors, 5xx,
+    /// 408 and 429.
     pub fn is_transient(&self) -> bool {
         match self {
             FleetError::Transport(_) => true,
-            FleetError::Status { status, .. } => *status >= 500,
+            FleetError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
             _ => false,
         }
+    }
+
+    /// True when a node that has joined should retry the call later: also
+    /// a 400 or a reply that is not protobuf (a proxy or a SuperLink
+    /// restarting may answer either once). A node gives up only after
+    /// many such failures in a row.
+    pub fn is_transient_while_serving(&self) -> bool {
+        self.is_transient()
+            || matches!(self, FleetError::Malformed { .. })
+            || matches!(self, FleetError::Status { status: 400, .. })
     }
 }
 
@@ -147,6 +158,15 @@ impl FleetClient {
         rpc: &str,
         request: &impl Message,
     ) -> Result<Resp, FleetError> {
+        let body = self.call_bytes(rpc, request)?;
+        Resp::decode(body.as_slice()).map_err(|e| FleetError::Malformed {
+            rpc: rpc.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Calls `rpc` and returns the reply's bytes, undecoded.
+    pub fn call_bytes(&self, rpc: &str, request: &impl Message) -> Result<Vec<u8>, FleetError> {
         let url = format!("{}/v1/fleet/{rpc}", self.base);
         let mut req = self
             .agent
@@ -173,10 +193,7 @@ impl FleetClient {
                 detail: error_detail(&body),
             });
         }
-        Resp::decode(body.as_slice()).map_err(|e| FleetError::Malformed {
-            rpc: rpc.to_string(),
-            reason: e.to_string(),
-        })
+        Ok(body)
     }
 }
 

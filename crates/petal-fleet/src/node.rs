@@ -16,13 +16,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use petal_core::backoff::Backoff;
 use petal_core::{Client, Config, EvaluateIns, FitIns, Parameters, Scalar, Tensor};
+use petal_proto::limits::{LimitError, walk_fields};
+use prost::Message as _;
 
 use crate::auth::NodeKey;
 use crate::http::{Connection, FleetClient, FleetError};
 use crate::objects::{
-    ArrayData, ObjectSet, Objects, Record, RecordDict, RecordValue, encode_message, object_id,
-    parse_object, tree_ids,
+    ArrayData, MAX_CHILDREN, MAX_DEPTH, ObjectSet, Objects, Record, RecordDict, RecordValue,
+    encode_message, object_id, parse_object, tree_ids,
 };
 use crate::proto;
 
@@ -46,7 +49,13 @@ pub struct NodeOptions {
     /// Names of the learner's tensors, in its order: arrays are matched by
     /// name when all are present, by position otherwise.
     pub parameter_names: Option<Vec<String>>,
+    /// Bytes of objects one message may bring, and of arrays assembled
+    /// from them: a message over it is answered with an error.
+    pub max_message_bytes: usize,
 }
+
+/// Default byte budget of one message (256 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 impl NodeOptions {
     /// Defaults: heartbeat every 30 s (Flower's), a pull every second,
@@ -59,6 +68,7 @@ impl NodeOptions {
             poll_interval: Duration::from_secs(1),
             max_attempts: 30,
             parameter_names: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -120,9 +130,12 @@ pub fn run_node(
 ) -> Result<NodeSummary, NodeError> {
     let mut summary = NodeSummary::default();
     let mut session: Option<Session> = None;
-    let mut failures = 0u32;
     let mut forgotten = 0u32;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(250),
+        Duration::from_secs(10),
+        opts.max_attempts,
+    );
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
@@ -141,25 +154,22 @@ pub fn run_node(
         };
         match step {
             Ok(()) => {
-                failures = 0;
-                backoff = Duration::from_millis(250);
+                backoff.reset();
                 if serving {
                     forgotten = 0;
                 }
             }
-            Err(e) if e.is_transient() => {
-                failures += 1;
-                if failures >= opts.max_attempts.max(1) {
+            Err(e) if e.is_transient() || (serving && e.is_transient_while_serving()) => {
+                let Some(delay) = backoff.failed() else {
                     break Err(NodeError::Unreachable {
-                        attempts: failures,
+                        attempts: backoff.attempts,
                         last: e.to_string(),
                     });
-                }
-                tracing::warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
-                if pause(backoff, stop) {
+                };
+                tracing::warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
+                if pause(delay, stop) {
                     break Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(
                 e @ FleetError::Status {
@@ -296,17 +306,14 @@ fn serve_once(
     stop: &AtomicBool,
     summary: &mut NodeSummary,
 ) -> Result<(), FleetError> {
-    let pulled: proto::PullMessagesResponse = s.client.call(
+    let pulled = s.client.call_bytes(
         "pull-messages",
         &proto::PullMessagesRequest {
             node: s.node(),
             message_ids: Vec::new(),
         },
     )?;
-    let (Some(msg), Some(tree)) = (
-        pulled.messages_list.into_iter().next(),
-        pulled.message_object_trees.into_iter().next(),
-    ) else {
+    let Some((msg, tree)) = first_message(&pulled)? else {
         pause(opts.poll_interval, stop);
         return Ok(());
     };
@@ -326,7 +333,7 @@ fn serve_once(
     let started = Instant::now();
     // Objects that are missing, corrupt or unparsable fail this message
     // (an error reply), not the node.
-    let objects = match pull_objects(s, meta.run_id, &tree, stop) {
+    let objects = match pull_objects(s, meta.run_id, &tree, stop, opts.max_message_bytes) {
         Err(FleetError::Malformed { reason, .. }) => Err(format!("bad message objects: {reason}")),
         r => Ok(r?),
     };
@@ -358,19 +365,74 @@ fn serve_once(
     Ok(())
 }
 
-/// Pulls every object of `tree`, children first; each checked against its id.
+/// The first message of a `PullMessagesResponse` and its object tree,
+/// decoded alone: the others (a SuperLink sends one at a time) are
+/// refused without being decoded, and an object tree over
+/// [`MAX_CHILDREN`] nodes is refused before it is decoded.
+fn first_message(bytes: &[u8]) -> Result<Option<(proto::Message, proto::ObjectTree)>, FleetError> {
+    let malformed = |reason: String| FleetError::Malformed {
+        rpc: "pull-messages".into(),
+        reason,
+    };
+    let (mut msg, mut tree, mut extra) = (None, None, 0usize);
+    walk_fields(bytes, |n, b| {
+        match (n, b) {
+            (2, Some(b)) if msg.is_none() => msg = Some(b),
+            (3, Some(b)) if tree.is_none() => tree = Some(b),
+            (2, _) => extra += 1,
+            _ => {}
+        }
+        Ok(())
+    })
+    .map_err(|e| malformed(e.to_string()))?;
+    if extra > 0 {
+        tracing::warn!(
+            "the SuperLink sent {} messages in one pull; the first is answered, \
+             the others are refused",
+            extra + 1
+        );
+    }
+    let (Some(msg), Some(tree)) = (msg, tree) else {
+        return Ok(None);
+    };
+    count_tree_nodes(tree, 0, &mut 0).map_err(|e| malformed(e.to_string()))?;
+    let msg = proto::Message::decode(msg).map_err(|e| malformed(e.to_string()))?;
+    let tree = proto::ObjectTree::decode(tree).map_err(|e| malformed(e.to_string()))?;
+    Ok(Some((msg, tree)))
+}
+
+/// Counts the nodes of an encoded `ObjectTree` (children are field 2),
+/// refusing more than [`MAX_CHILDREN`] or a depth over [`MAX_DEPTH`].
+fn count_tree_nodes(bytes: &[u8], depth: usize, nodes: &mut usize) -> Result<(), LimitError> {
+    *nodes += 1;
+    if *nodes > MAX_CHILDREN || depth > MAX_DEPTH {
+        return Err(LimitError::TooMany {
+            what: "objects (or levels) in the message's object tree",
+            limit: MAX_CHILDREN,
+        });
+    }
+    walk_fields(bytes, |n, b| match (n, b) {
+        (2, Some(child)) => count_tree_nodes(child, depth + 1, nodes),
+        _ => Ok(()),
+    })
+}
+
+/// Pulls every object of `tree`, children first; each checked against its
+/// id, all together at most `budget` bytes.
 fn pull_objects(
     s: &Session,
     run_id: u64,
     tree: &proto::ObjectTree,
     stop: &AtomicBool,
+    budget: usize,
 ) -> Result<BTreeMap<String, Bytes>, FleetError> {
     let malformed = |reason: String| FleetError::Malformed {
         rpc: "pull-object".into(),
         reason,
     };
     let mut out = BTreeMap::new();
-    for id in tree_ids(tree) {
+    let mut total = 0usize;
+    for id in tree_ids(tree).map_err(|e| malformed(e.to_string()))? {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut wait = Duration::from_millis(50);
         let content = loop {
@@ -398,6 +460,13 @@ fn pull_objects(
             }
             wait = (wait * 2).min(Duration::from_secs(1));
         };
+        total = total.saturating_add(content.len());
+        if total > budget {
+            return Err(malformed(format!(
+                "the message's objects exceed its byte budget of {budget} bytes \
+                 (--max-message-mb)"
+            )));
+        }
         if object_id(&content) != id {
             return Err(malformed(format!("object {id} does not hash to its id")));
         }
@@ -415,7 +484,7 @@ fn answer(
     client: &mut dyn Client,
     opts: &NodeOptions,
 ) -> Result<RecordDict, String> {
-    let view = Objects { contents: objects };
+    let view = Objects::with_budget(objects, opts.max_message_bytes);
     let rd_id = tree
         .children
         .first()
@@ -612,7 +681,11 @@ fn push_reply(
     )?;
     let wanted: std::collections::BTreeSet<&str> =
         pushed.objects_to_push.iter().map(String::as_str).collect();
-    for id in tree_ids(&tree) {
+    let ids = tree_ids(&tree).map_err(|e| FleetError::Malformed {
+        rpc: "push-messages".into(),
+        reason: e.to_string(),
+    })?;
+    for id in ids {
         if !wanted.contains(id.as_str()) {
             continue;
         }

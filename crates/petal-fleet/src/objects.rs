@@ -26,6 +26,19 @@ use crate::proto;
 /// Largest `ArrayChunk` body Flower writes (`FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`).
 pub const MAX_CHUNK: usize = 5 * 1024 * 1024;
 
+/// Most children one object may have, and most objects in one message's
+/// tree: a message holds a handful of records of at most a few thousand
+/// arrays each.
+pub const MAX_CHILDREN: usize = 100_000;
+
+/// Deepest object tree (`Message` → `RecordDict` → `ArrayRecord` →
+/// `Array` → `ArrayChunk` is 5).
+pub const MAX_DEPTH: usize = 8;
+
+/// Bytes of a `.npy` file beyond its values: NumPy's header limit plus
+/// its magic and length fields.
+const NPY_OVERHEAD: usize = petal_proto::npy::MAX_HEADER_BYTES + 12;
+
 /// Why objects could not be read or built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ObjectError {
@@ -88,8 +101,11 @@ pub fn parse_object<'a>(id: &str, content: &'a [u8]) -> Result<Object<'a>, Objec
     let children: Vec<&str> = if children.is_empty() {
         Vec::new()
     } else {
-        children.split(',').collect()
+        children.split(',').take(MAX_CHILDREN + 1).collect()
     };
+    if children.len() > MAX_CHILDREN {
+        return Err(invalid(id, format!("more than {MAX_CHILDREN} children")));
+    }
     if let Some(bad) = children.iter().find(|c| !is_sha256_hex(c)) {
         return Err(invalid(
             id,
@@ -165,10 +181,20 @@ fn parse_str_map(id: &str, body: &[u8]) -> Result<Vec<(String, String)>, ObjectE
                     mut map: A,
                 ) -> Result<Ordered, A::Error> {
                     let mut out: Vec<(String, String)> = Vec::new();
+                    let mut index: std::collections::HashMap<String, usize> =
+                        std::collections::HashMap::new();
                     while let Some((k, v)) = map.next_entry::<String, String>()? {
-                        match out.iter_mut().find(|(seen, _)| *seen == k) {
-                            Some(entry) => entry.1 = v,
-                            None => out.push((k, v)),
+                        match index.get(&k) {
+                            Some(&i) => out[i].1 = v,
+                            None => {
+                                if out.len() >= MAX_CHILDREN {
+                                    return Err(serde::de::Error::custom(format!(
+                                        "more than {MAX_CHILDREN} entries"
+                                    )));
+                                }
+                                index.insert(k.clone(), out.len());
+                                out.push((k, v));
+                            }
                         }
                     }
                     Ok(Ordered(out))
@@ -441,30 +467,81 @@ pub fn encode_message(
     )
 }
 
-/// Every id of a tree, children before parents (post-order), each once.
-pub fn tree_ids(tree: &proto::ObjectTree) -> Vec<String> {
-    fn walk(t: &proto::ObjectTree, out: &mut Vec<String>, depth: usize) {
-        if depth > 8 {
-            return;
+/// Every id of a tree, children before parents (post-order), each once;
+/// linear in the size of the tree. A tree deeper than [`MAX_DEPTH`] or
+/// with more than [`MAX_CHILDREN`] nodes is refused.
+pub fn tree_ids(tree: &proto::ObjectTree) -> Result<Vec<String>, ObjectError> {
+    fn walk<'t>(
+        t: &'t proto::ObjectTree,
+        seen: &mut std::collections::HashSet<&'t str>,
+        out: &mut Vec<String>,
+        nodes: &mut usize,
+        depth: usize,
+    ) -> Result<(), ObjectError> {
+        *nodes += 1;
+        if depth > MAX_DEPTH || *nodes > MAX_CHILDREN {
+            return Err(invalid(
+                &t.object_id,
+                format!(
+                    "the message's object tree is deeper than {MAX_DEPTH} or holds more than \
+                     {MAX_CHILDREN} objects"
+                ),
+            ));
         }
         for c in &t.children {
-            walk(c, out, depth + 1);
+            walk(c, seen, out, nodes, depth + 1)?;
         }
-        if !out.contains(&t.object_id) {
+        if seen.insert(&t.object_id) {
             out.push(t.object_id.clone());
         }
+        Ok(())
     }
     let mut out = Vec::new();
-    walk(tree, &mut out, 0);
-    out
+    walk(
+        tree,
+        &mut std::collections::HashSet::new(),
+        &mut out,
+        &mut 0,
+        0,
+    )?;
+    Ok(out)
 }
 
-/// Reads objects fetched by id (each already checked against its id).
+/// Bytes of one element of a NumPy dtype, by the name Flower records
+/// (`str(array.dtype)`, e.g. `float32`).
+fn dtype_width(dtype: &str) -> Option<usize> {
+    Some(match dtype.trim_start_matches(['<', '>', '|', '=']) {
+        "bool" | "int8" | "uint8" | "b1" | "i1" | "u1" => 1,
+        "float16" | "bfloat16" | "int16" | "uint16" | "f2" | "i2" | "u2" => 2,
+        "float32" | "int32" | "uint32" | "f4" | "i4" | "u4" => 4,
+        "float64" | "int64" | "uint64" | "f8" | "i8" | "u8" => 8,
+        _ => return None,
+    })
+}
+
+/// Reads objects fetched by id (each already checked against its id),
+/// within a byte budget: every array assembled counts against it, so
+/// objects that refer to the same chunk or array many times cannot make
+/// the reader allocate more than the budget.
 pub struct Objects<'a> {
     pub contents: &'a BTreeMap<String, Bytes>,
+    budget: std::cell::Cell<usize>,
 }
 
-impl Objects<'_> {
+impl<'a> Objects<'a> {
+    /// A reader of `contents` without a budget.
+    pub fn new(contents: &'a BTreeMap<String, Bytes>) -> Self {
+        Self::with_budget(contents, usize::MAX)
+    }
+
+    /// A reader of `contents` that assembles at most `bytes` of arrays.
+    pub fn with_budget(contents: &'a BTreeMap<String, Bytes>, bytes: usize) -> Self {
+        Objects {
+            contents,
+            budget: std::cell::Cell::new(bytes),
+        }
+    }
+
     fn get(&self, id: &str, kind: &str) -> Result<Object<'_>, ObjectError> {
         let bytes = self
             .contents
@@ -507,6 +584,7 @@ impl Objects<'_> {
                 ))
             }
             "ConfigRecord" => {
+                check_items(id, o.body)?;
                 let r = proto::ConfigRecord::decode(o.body)
                     .map_err(|e| invalid(id, format!("not a ConfigRecord: {e}")))?;
                 Ok(Record::Config(
@@ -517,6 +595,7 @@ impl Objects<'_> {
                 ))
             }
             "MetricRecord" => {
+                check_items(id, o.body)?;
                 let r = proto::MetricRecord::decode(o.body)
                     .map_err(|e| invalid(id, format!("not a MetricRecord: {e}")))?;
                 Ok(Record::Metrics(
@@ -550,14 +629,52 @@ impl Objects<'_> {
         let o = self.get(id, "Array")?;
         let meta: Meta = serde_json::from_slice(o.body)
             .map_err(|e| invalid(id, format!("array metadata: {e}")))?;
-        let mut data = Vec::new();
+        // The size the dtype and shape promise, checked before anything is
+        // assembled: chunks cannot add up to more.
+        let width = dtype_width(&meta.dtype)
+            .ok_or_else(|| invalid(id, format!("unsupported dtype '{}'", meta.dtype)))?;
+        let values = meta
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| {
+                usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+            })
+            .and_then(|n| n.checked_mul(width))
+            .ok_or_else(|| invalid(id, format!("shape {:?} is not a size", meta.shape)))?;
+        let mut chunks = Vec::with_capacity(meta.arraychunk_ids.len().min(o.children.len()));
+        let mut total = 0usize;
         for &i in &meta.arraychunk_ids {
             let chunk_id = o
                 .children
                 .get(i)
                 .ok_or_else(|| invalid(id, format!("chunk index {i} has no child")))?;
             let chunk = self.get(chunk_id, "ArrayChunk")?;
-            data.extend_from_slice(chunk.body);
+            total = total.saturating_add(chunk.body.len());
+            if total > values.saturating_add(NPY_OVERHEAD) {
+                return Err(invalid(
+                    id,
+                    format!(
+                        "its chunks hold more than the {values} bytes of its dtype and shape \
+                         (plus a .npy header)"
+                    ),
+                ));
+            }
+            chunks.push(chunk.body);
+        }
+        let left = self.budget.get();
+        if total > left {
+            return Err(invalid(
+                id,
+                format!(
+                    "assembling it would exceed the message's byte budget \
+                     ({left} bytes left; --max-message-mb)"
+                ),
+            ));
+        }
+        self.budget.set(left - total);
+        let mut data = Vec::with_capacity(total);
+        for c in chunks {
+            data.extend_from_slice(c);
         }
         Ok(ArrayData {
             dtype: meta.dtype,
@@ -566,6 +683,27 @@ impl Objects<'_> {
             data,
         })
     }
+}
+
+/// A config or metric record holds at most [`MAX_CHILDREN`] items
+/// (counted on the wire, before decoding: an empty item is 2 bytes there
+/// and far more once decoded).
+fn check_items(id: &str, body: &[u8]) -> Result<(), ObjectError> {
+    let mut items = 0usize;
+    petal_proto::limits::walk_fields(body, |n, _| {
+        if n == 1 {
+            items += 1;
+        }
+        Ok(())
+    })
+    .map_err(|e| invalid(id, e.to_string()))?;
+    if items > MAX_CHILDREN {
+        return Err(invalid(
+            id,
+            format!("{items} record items (at most {MAX_CHILDREN})"),
+        ));
+    }
+    Ok(())
 }
 
 fn config_value(v: proto::ConfigRecordValue) -> RecordValue {

@@ -96,7 +96,7 @@ impl Fake {
                     req.messages_list[0].clone(),
                     req.message_object_trees[0].clone(),
                 );
-                let wanted = tree_ids(&t);
+                let wanted = tree_ids(&t).unwrap();
                 s.replies.push((m, t));
                 if s.replies.len() >= s.stop_after {
                     self.stop.store(true, Ordering::Relaxed);
@@ -328,9 +328,7 @@ fn a_node_survives_a_corrupt_message_and_a_forgetful_superlink() {
     assert!(error.reason.contains("does not hash"), "{}", error.reason);
 
     // The good ones got the client's results, as objects the fake stored.
-    let view = Objects {
-        contents: &s.pushed,
-    };
+    let view = Objects::new(&s.pushed);
     let content = |i: usize| -> RecordDict {
         let (m, t) = &s.replies[i];
         assert!(m.error.is_none());

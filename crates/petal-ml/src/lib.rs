@@ -103,6 +103,13 @@ impl Learner for Box<dyn Learner> {
     }
 }
 
+/// Most local epochs one instruction may ask for: a server cannot make a
+/// client train forever.
+pub const MAX_EPOCHS: usize = 1000;
+
+/// Largest mini-batch one instruction may ask for.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
 /// A tensor with a stable name (PyTorch-style, e.g. `conv1.weight`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
@@ -140,11 +147,16 @@ impl Default for TrainOptions {
 impl TrainOptions {
     /// These options with the keys present in `config` applied.
     pub fn with_config(&self, config: &Config) -> Result<Self, MlError> {
-        let positive_int = |key: &str, default: usize| -> Result<usize, MlError> {
+        let positive_int = |key: &str, default: usize, max: usize| -> Result<usize, MlError> {
             let v = config_f64(config, key, default as f64)?;
             if v < 1.0 || v.fract() != 0.0 {
                 return Err(MlError::Config(format!(
                     "{key} must be a positive integer, got {v}"
+                )));
+            }
+            if v > max as f64 {
+                return Err(MlError::Config(format!(
+                    "{key} {v} is more than {max}, the most a client accepts"
                 )));
             }
             Ok(v as usize)
@@ -161,10 +173,10 @@ impl TrainOptions {
         }
         let round = config_f64(config, "server_round", 0.0)? as u64;
         Ok(TrainOptions {
-            epochs: positive_int("epochs", self.epochs)?,
+            epochs: positive_int("epochs", self.epochs, MAX_EPOCHS)?,
             lr,
             momentum,
-            batch_size: positive_int("batch_size", self.batch_size)?,
+            batch_size: positive_int("batch_size", self.batch_size, MAX_BATCH_SIZE)?,
             seed: (config_f64(config, "seed", self.seed as f64)? as u64).wrapping_add(round),
         })
     }
@@ -242,6 +254,9 @@ mod tests {
         let bad: Config = [("batch_size".to_string(), Scalar::Double(0.5))].into();
         let e = base.with_config(&bad).unwrap_err().to_string();
         assert!(e.contains("batch_size must be a positive integer"), "{e}");
+        let huge: Config = [("epochs".to_string(), Scalar::I64(1 << 62))].into();
+        let e = base.with_config(&huge).unwrap_err().to_string();
+        assert!(e.contains("the most a client accepts"), "{e}");
         let bad: Config = [("lr".to_string(), Scalar::Str("fast".into()))].into();
         assert!(
             base.with_config(&bad)

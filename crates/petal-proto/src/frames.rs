@@ -129,6 +129,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest message accepted from now on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// True between messages (a stream may end here).
     pub fn is_idle(&self) -> bool {
         self.head_len == 0 && self.body.is_none()

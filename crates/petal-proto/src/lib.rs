@@ -5,6 +5,7 @@
 //! `"numpy.ndarray"`, as in Flower. This crate holds no networking logic.
 
 pub mod frames;
+pub mod limits;
 pub mod npy;
 pub mod serde;
 

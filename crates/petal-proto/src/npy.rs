@@ -48,8 +48,20 @@ pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Longest header accepted (NumPy's own `max_header_size` is 10,000).
+pub const MAX_HEADER_BYTES: usize = 10_000;
+
+/// Most dimensions accepted (NumPy's own limit is 64).
+pub const MAX_DIMS: usize = 64;
+
 /// Decodes a `.npy` file into `f32` values in C order.
 pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
+    decode_expecting(bytes, None)
+}
+
+/// Decodes a `.npy` file whose shape must be `expected` (when given): the
+/// shape is checked on the header, before the values are converted.
+pub fn decode_expecting(bytes: &[u8], expected: Option<&[usize]>) -> Result<NpyArray, ProtoError> {
     let bad = |msg: String| ProtoError::Npy(msg);
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad("missing the \\x93NUMPY magic string".into()));
@@ -66,6 +78,11 @@ pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
         }
         _ => return Err(bad(format!("unsupported format version {major}.{minor}"))),
     };
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "header of {header_len} bytes is longer than {MAX_HEADER_BYTES}"
+        )));
+    }
     let end = start
         .checked_add(header_len)
         .filter(|&e| e <= bytes.len())
@@ -73,11 +90,25 @@ pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
     let header = std::str::from_utf8(&bytes[start..end])
         .map_err(|_| bad("header is not valid text".into()))?;
     let header = Header::parse(header)?;
+    if header.shape.len() > MAX_DIMS {
+        return Err(bad(format!(
+            "{} dimensions (at most {MAX_DIMS})",
+            header.shape.len()
+        )));
+    }
     let count = header
         .shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| bad("shape overflows".into()))?;
+    if let Some(want) = expected
+        && want != header.shape.as_slice()
+    {
+        return Err(bad(format!(
+            "expected shape {want:?}, got {:?}",
+            header.shape
+        )));
+    }
     let body = &bytes[end..];
     let width = header.dtype.width();
     let expected = count

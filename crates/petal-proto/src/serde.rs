@@ -53,6 +53,42 @@ pub fn parameters_from_proto(p: &flwr::Parameters) -> Result<Parameters, ProtoEr
     Ok(Parameters::new(tensors))
 }
 
+/// Decodes `.npy` tensors that must have `reference`'s layout: the count
+/// is checked first and each shape on its header, so nothing is converted
+/// (allocated) for a tensor that does not fit the model.
+pub fn parameters_from_proto_like(
+    p: &flwr::Parameters,
+    reference: &Parameters,
+) -> Result<Parameters, ProtoError> {
+    if p.tensors.len() != reference.tensors.len() {
+        return Err(ProtoError::Core(petal_core::CoreError::ShapeMismatch(
+            format!(
+                "expected {} tensors, got {}",
+                reference.tensors.len(),
+                p.tensors.len()
+            ),
+        )));
+    }
+    if !p.tensors.is_empty() && p.tensor_type != TENSOR_TYPE_NUMPY {
+        return Err(ProtoError::TensorType(p.tensor_type.clone()));
+    }
+    let tensors = p
+        .tensors
+        .iter()
+        .zip(&reference.tensors)
+        .enumerate()
+        .map(|(index, (bytes, r))| {
+            let a =
+                npy::decode_expecting(bytes, Some(&r.shape)).map_err(|e| ProtoError::Tensor {
+                    index,
+                    source: Box::new(e),
+                })?;
+            Ok(Tensor::new(a.shape, a.data)?)
+        })
+        .collect::<Result<_, ProtoError>>()?;
+    Ok(Parameters::new(tensors))
+}
+
 /// Converts a core scalar to the wire.
 pub fn scalar_to_proto(s: &Scalar) -> flwr::Scalar {
     let v = match s {
@@ -178,6 +214,15 @@ pub fn fit_res_to_proto(res: &FitRes) -> cm::FitRes {
 
 /// Server side: reads a fit result (a non-OK status is an error).
 pub fn fit_res_from_proto(res: &cm::FitRes) -> Result<FitRes, ProtoError> {
+    fit_res_from_proto_like(res, None)
+}
+
+/// Server side: reads a fit result whose model must have `reference`'s
+/// layout (checked tensor by tensor before converting, when given).
+pub fn fit_res_from_proto_like(
+    res: &cm::FitRes,
+    reference: Option<&Parameters>,
+) -> Result<FitRes, ProtoError> {
     if let Some(e) = status_error(&res.status) {
         return Err(ProtoError::Core(petal_core::CoreError::Invalid(e)));
     }
@@ -185,8 +230,12 @@ pub fn fit_res_from_proto(res: &cm::FitRes) -> Result<FitRes, ProtoError> {
         .parameters
         .as_ref()
         .ok_or(ProtoError::Missing("parameters"))?;
+    let parameters = match reference {
+        Some(r) => parameters_from_proto_like(p, r)?,
+        None => parameters_from_proto(p)?,
+    };
     Ok(FitRes {
-        parameters: parameters_from_proto(p)?,
+        parameters,
         num_examples: examples(res.num_examples)?,
         metrics: config_from_proto(&res.metrics),
     })
@@ -253,6 +302,36 @@ mod tests {
         };
         let err = fit_res_from_proto(&res).unwrap_err().to_string();
         assert!(err.contains("worker crashed"), "{err}");
+    }
+
+    #[test]
+    fn layout_is_checked_before_converting() {
+        let reference = Parameters::new(vec![
+            Tensor::new(vec![2], vec![0.0; 2]).unwrap(),
+            Tensor::new(vec![1], vec![0.0]).unwrap(),
+        ]);
+        let p = |shapes: &[&[usize]]| flwr::Parameters {
+            tensors: shapes
+                .iter()
+                .map(|s| {
+                    let n = s.iter().product();
+                    npy::encode_f32(s, &vec![1.0; n]).into()
+                })
+                .collect(),
+            tensor_type: TENSOR_TYPE_NUMPY.into(),
+        };
+        assert!(parameters_from_proto_like(&p(&[&[2], &[1]]), &reference).is_ok());
+        let e = parameters_from_proto_like(&p(&[&[2]]), &reference)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected 2 tensors, got 1"), "{e}");
+        let e = parameters_from_proto_like(&p(&[&[2], &[3]]), &reference)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor 1") && e.contains("expected shape [1]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,30 +13,48 @@
 //! bytes are shared by every client's instruction (encoded once per
 //! round), and a stream keeps no buffer between messages, so ten thousand
 //! idle streams cost kilobytes each, not a copy of the model each.
+//!
+//! No peer can make the server hold unbounded memory or spin: each
+//! stream's body is read as it arrives, and data a call is not waiting for
+//! is a protocol error that drops the stream (so HTTP/2 never buffers
+//! unread data); a reply may be at most as large as the call's answer can
+//! be (sized from the model) and is scanned against [`Limits`] before it
+//! is decoded; connections per address, streams per connection and the
+//! handshake are bounded ([`incoming`]).
+
+mod incoming;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use petal_core::{
     ClientProxy, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, NodeId, Parameters,
     ProxyFuture, Registry,
 };
 use petal_proto::flwr::{client_message as cm, server_message as sm};
-use petal_proto::frames::{self, ChunkBody, MessageReader};
+use petal_proto::frames::{self, ChunkBody, FrameDecoder};
+use petal_proto::limits::{LimitError, Limits, scan_client_message};
 use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, serde as wire};
 use prost::Message;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderValue, Request, Response};
+use tonic::codegen::http::{HeaderMap, HeaderValue, Request, Response};
+
+pub use incoming::ConnLimits;
+pub use petal_proto::limits;
 
 /// The gRPC path of Flower's bidirectional stream.
 const JOIN_PATH: &str = "/flwr.proto.FlowerService/Join";
+
+/// Room for metrics and headers in a reply, beyond its tensors.
+const REPLY_SLACK: usize = 16 << 20;
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -50,25 +68,42 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Transport settings of the server.
+/// Transport settings of the server; every limit a peer could push
+/// against has its field here (and a flag in `petal server`).
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Largest message accepted or sent; a bigger one from a client breaks
-    /// its stream (the client is dropped).
+    /// its stream (the client is dropped). A reply is further bounded by
+    /// what its call can return: twice the model's size plus 16 MiB for a
+    /// fit result, 16 MiB for an evaluation.
     pub max_message_bytes: usize,
+    /// What one reply may carry (tensors, metrics, key and value lengths).
+    pub limits: Limits,
     /// Interval of HTTP/2 keepalive pings to every client (`None`: off).
     pub keepalive_interval: Option<Duration>,
     /// A client that does not answer a ping within this is disconnected.
     pub keepalive_timeout: Duration,
+    /// `Join` streams one connection may hold open (HTTP/2 `MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// Connections one IP address may hold open; more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerOptions {
-    /// Flower's message limit (512 MiB); a ping every 30 s, 20 s to answer.
+    /// Flower's message limit (512 MiB); a ping every 30 s, 20 s to
+    /// answer; 4,096 streams per connection, 128 connections per address,
+    /// 10 s for the handshake; [`Limits::default`].
     fn default() -> Self {
         ServerOptions {
             max_message_bytes: MAX_MESSAGE_BYTES,
+            limits: Limits::default(),
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(20),
+            max_streams_per_connection: 4096,
+            max_connections_per_ip: 128,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -96,22 +131,31 @@ impl GrpcServer {
             .map_err(|source| ServerError::Bind { addr, source })?;
         let service = JoinService {
             registry,
-            max_message_bytes: options.max_message_bytes,
+            options: Arc::new(options.clone()),
         };
-        // Accepted sockets get TCP_NODELAY: small replies must not wait
-        // for delayed acknowledgements (a 40 ms stall per exchange).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+        let (conns, incoming) = mpsc::channel(64);
+        tokio::spawn(incoming::accept_loop(
+            listener,
+            ConnLimits {
+                max_per_ip: options.max_connections_per_ip.max(1),
+                handshake_timeout: options.handshake_timeout,
+            },
+            conns,
+        ));
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            Ok::<_, std::io::Error>,
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(options.keepalive_interval)
                 .http2_keepalive_timeout(Some(options.keepalive_timeout))
-                // Many clients may share one connection (one stream each);
-                // a small per-stream window bounds what an unread stream buffers.
-                .max_concurrent_streams(Some(1_000_000))
+                // Many clients may share one connection (one stream each).
+                // Streams are read as data arrives, so windows buffer
+                // nothing while a stream waits.
+                .max_concurrent_streams(Some(options.max_streams_per_connection.max(1)))
                 .initial_stream_window_size(Some(256 * 1024))
                 .initial_connection_window_size(Some(64 * 1024 * 1024))
                 .max_frame_size(Some(1024 * 1024))
@@ -154,7 +198,7 @@ impl GrpcServer {
 #[derive(Clone)]
 struct JoinService {
     registry: Arc<Registry>,
-    max_message_bytes: usize,
+    options: Arc<ServerOptions>,
 }
 
 impl tonic::server::NamedService for JoinService {
@@ -194,20 +238,31 @@ impl tonic::codegen::Service<Request<Body>> for JoinService {
             .and_then(|i| i.remote_addr())
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
         let (tx, rx) = mpsc::channel(2);
-        self.registry.register(Arc::new(GrpcClientProxy {
+        let (replies_tx, replies) = mpsc::channel(1);
+        let (abort_tx, abort) = oneshot::channel();
+        let shared = Arc::new(Shared {
             node,
+            peer: peer.clone(),
+            expecting: AtomicUsize::new(0),
+            abort: std::sync::Mutex::new(Some(abort_tx)),
             registry: Arc::downgrade(&self.registry),
+        });
+        self.registry.register(Arc::new(GrpcClientProxy {
+            shared: shared.clone(),
+            options: self.options.clone(),
             bridge: Mutex::new(Bridge {
                 tx: Some(tx),
-                rx: Inbound(MessageReader::new(req.into_body(), self.max_message_bytes)),
+                replies,
             }),
         }));
+        tokio::spawn(read_stream(req.into_body(), shared, replies_tx));
         tracing::info!(node = node.0, %peer, "client joined");
-        let registry = Arc::downgrade(&self.registry);
         let body = Outbound {
             body: ChunkBody::new(rx, true),
+            abort,
+            ended: false,
             node,
-            registry,
+            registry: Arc::downgrade(&self.registry),
         };
         let mut response = Response::new(Body::new(body));
         response
@@ -217,12 +272,109 @@ impl tonic::codegen::Service<Request<Body>> for JoinService {
     }
 }
 
+/// What a stream's reader and its proxy share.
+struct Shared {
+    node: NodeId,
+    peer: String,
+    /// Largest reply the call in progress accepts; 0 when no call is
+    /// waiting (any data is then a protocol error).
+    expecting: AtomicUsize,
+    /// Ends the response with an error status (taken once).
+    abort: std::sync::Mutex<Option<oneshot::Sender<(tonic::Code, String)>>>,
+    registry: std::sync::Weak<Registry>,
+}
+
+impl Shared {
+    /// Ends the response with `code` and `why` (once).
+    fn close(&self, code: tonic::Code, why: &str) {
+        if let Some(abort) = self.abort.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = abort.send((code, why.to_string()));
+        }
+    }
+
+    /// Drops the client: unregisters it and ends its stream with `code`
+    /// and `why`, so the peer sees the reason and may join again.
+    fn drop_client(&self, code: tonic::Code, why: &str) {
+        self.close(code, why);
+        if let Some(r) = self.registry.upgrade()
+            && r.unregister(self.node)
+        {
+            tracing::info!(node = self.node.0, peer = %self.peer, "client dropped: {why}");
+        }
+    }
+}
+
+/// Reads a stream's body as it arrives, so that HTTP/2 never buffers data
+/// for it: the reply to the call in progress goes to the proxy; data when
+/// no call waits, a second message for one call, or a reply over the
+/// call's size limit drop the client.
+async fn read_stream(
+    mut body: Body,
+    shared: Arc<Shared>,
+    replies: mpsc::Sender<Result<Bytes, String>>,
+) {
+    let mut decoder = FrameDecoder::new(0);
+    let mut out = Vec::with_capacity(1);
+    let why = loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None if decoder.is_idle() => break "client closed the stream".to_string(),
+            None => break "stream error: the stream ended inside a message".to_string(),
+            Some(Err(e)) => break format!("stream error: {e}"),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if d.is_empty() => continue,
+                Ok(d) => d,
+                // Trailers: the stream ends with the next frame.
+                Err(_) => continue,
+            },
+        };
+        let max = shared.expecting.load(Ordering::Acquire);
+        if max == 0 {
+            break "protocol error: the client sent data while no call was waiting for it"
+                .to_string();
+        }
+        decoder.set_max(max);
+        if let Err(e) = decoder.push(data, &mut out) {
+            break format!("stream error: {e}");
+        }
+        match out.len() {
+            0 => continue,
+            1 if decoder.is_idle() => {
+                shared.expecting.store(0, Ordering::Release);
+                let reply = out.pop().unwrap_or_default();
+                if replies.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+            _ => {
+                break "protocol error: the client sent more than one message for one call"
+                    .to_string();
+            }
+        }
+    };
+    // A call waiting for a reply learns why none will come.
+    let _ = replies.try_send(Err(why.clone()));
+    if why.starts_with("client closed") {
+        shared.close(tonic::Code::Ok, "");
+        if let Some(r) = shared.registry.upgrade()
+            && r.unregister(shared.node)
+        {
+            tracing::info!(node = shared.node.0, "client left");
+        }
+    } else {
+        shared.drop_client(tonic::Code::InvalidArgument, &why);
+    }
+}
+
 /// The server-to-client half of a `Join` stream: the frames the proxy
-/// sends, then an OK status when the proxy closes it. Unregisters the
-/// client when hyper drops it (the client went away). Ids are never
-/// reused, so this cannot remove a newer client.
+/// sends, then an OK status when the proxy closes it, or an error status
+/// when the client is dropped. Unregisters the client when hyper drops it
+/// (the client went away). Ids are never reused, so this cannot remove a
+/// newer client.
 struct Outbound {
     body: ChunkBody,
+    abort: oneshot::Receiver<(tonic::Code, String)>,
+    ended: bool,
     node: NodeId,
     registry: std::sync::Weak<Registry>,
 }
@@ -235,6 +387,18 @@ impl http_body::Body for Outbound {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(Ok((code, why))) = Pin::new(&mut self.abort).poll(cx) {
+            self.ended = true;
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from(code as i32));
+            if let Ok(v) = HeaderValue::from_str(&why) {
+                t.insert("grpc-message", v);
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
         Pin::new(&mut self.body).poll_frame(cx)
     }
 }
@@ -249,61 +413,105 @@ impl Drop for Outbound {
     }
 }
 
-/// The client-to-server half: its messages, one at a time.
-struct Inbound(MessageReader<Body>);
-
-impl Inbound {
-    /// The next message; `Ok(None)` when the client ended its stream.
-    async fn next(&mut self) -> Result<Option<ClientMessage>, String> {
-        match self.0.next().await {
-            Ok(Some(bytes)) => ClientMessage::decode(bytes)
-                .map(Some)
-                .map_err(|e| format!("stream error: malformed message: {e}")),
-            Ok(None) => Ok(None),
-            Err(e) => Err(format!("stream error: {e}")),
-        }
-    }
-}
-
 struct Bridge {
     /// `None` once the stream is closed (the client was told to leave or dropped).
     tx: Option<mpsc::Sender<Vec<Bytes>>>,
-    rx: Inbound,
+    /// Replies read by the stream's reader.
+    replies: mpsc::Receiver<Result<Bytes, String>>,
+}
+
+/// Drops the client unless disarmed: a call abandoned between sending its
+/// instruction and reading the reply leaves the stream out of step.
+struct CallGuard<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.drop_client(
+                tonic::Code::Cancelled,
+                "the server abandoned a call in progress",
+            );
+        }
+    }
 }
 
 /// One connected gRPC client: each call sends one `ServerMessage` and
 /// waits for the matching `ClientMessage`.
 struct GrpcClientProxy {
-    node: NodeId,
-    registry: std::sync::Weak<Registry>,
+    shared: Arc<Shared>,
+    options: Arc<ServerOptions>,
     bridge: Mutex<Bridge>,
 }
 
+/// What one call accepts back.
+struct Expect {
+    /// Largest reply, in bytes.
+    bytes: usize,
+    /// Tensors the reply may hold.
+    tensors: usize,
+}
+
 impl GrpcClientProxy {
+    fn node(&self) -> NodeId {
+        self.shared.node
+    }
+
     fn error(&self, reason: impl Into<String>) -> CoreError {
         CoreError::Client {
-            node: self.node,
+            node: self.node(),
             reason: reason.into(),
         }
     }
 
-    /// Sends the frame, waits for the reply. A broken stream or a timeout
-    /// drops the client: the stream cannot be trusted to stay in step.
+    /// The bytes and tensors a fit result for `model` may have.
+    fn expect_model(&self, model: &Parameters) -> Expect {
+        let tensors: usize = wire::npy_tensors(model).0.iter().map(Bytes::len).sum();
+        Expect {
+            bytes: tensors.saturating_mul(2).saturating_add(REPLY_SLACK),
+            tensors: model.tensors.len(),
+        }
+    }
+
+    /// Sends the frame, waits for the reply. A broken stream, a timeout or
+    /// a reply over the limits drops the client: the stream cannot be
+    /// trusted to stay in step.
     async fn call(
         &self,
         frame: Vec<Bytes>,
         timeout: Option<Duration>,
+        expect: Expect,
     ) -> Result<cm::Msg, CoreError> {
         let mut bridge = self.bridge.lock().await;
+        let mut guard = CallGuard {
+            shared: &self.shared,
+            armed: true,
+        };
+        let max = expect.bytes.min(self.options.max_message_bytes).max(1);
+        self.shared.expecting.store(max, Ordering::Release);
         let exchange = async {
             let tx = bridge.tx.as_ref().ok_or("client was disconnected")?;
             tx.send(frame)
                 .await
                 .map_err(|_| "connection closed".to_string())?;
-            match bridge.rx.next().await? {
-                Some(ClientMessage { msg: Some(m) }) => Ok(m),
-                Some(ClientMessage { msg: None }) => Err("empty client message".to_string()),
-                None => Err("client closed the stream".to_string()),
+            let bytes = match bridge.replies.recv().await {
+                Some(r) => r?,
+                None => return Err("client closed the stream".to_string()),
+            };
+            let limits = Limits {
+                max_tensors: expect.tensors.min(self.options.limits.max_tensors),
+                ..self.options.limits
+            };
+            scan_client_message(&bytes, &limits).map_err(|e| match e {
+                LimitError::Malformed(_) => format!("stream error: malformed message: {e}"),
+                _ => format!("reply refused: {e}"),
+            })?;
+            match ClientMessage::decode(bytes) {
+                Ok(ClientMessage { msg: Some(m) }) => Ok(m),
+                Ok(ClientMessage { msg: None }) => Err("empty client message".to_string()),
+                Err(e) => Err(format!("stream error: malformed message: {e}")),
             }
         };
         let result = match timeout {
@@ -312,26 +520,23 @@ impl GrpcClientProxy {
                 .unwrap_or_else(|_| Err(format!("no reply within {:.1}s", t.as_secs_f64()))),
             None => exchange.await,
         };
+        guard.armed = false;
         result.map_err(|reason| {
             // Close our half: the client sees the stream end and may rejoin.
             bridge.tx = None;
-            self.drop_client();
+            let code = if reason.starts_with("no reply within") {
+                tonic::Code::DeadlineExceeded
+            } else {
+                tonic::Code::InvalidArgument
+            };
+            self.shared.drop_client(code, &reason);
             self.error(reason)
         })
-    }
-
-    fn drop_client(&self) {
-        if let Some(r) = self.registry.upgrade()
-            && r.unregister(self.node)
-        {
-            tracing::info!(node = self.node.0, "client dropped");
-        }
     }
 
     /// A reply of the wrong kind: the stream is out of step, drop the client.
     async fn unexpected(&self, got: &cm::Msg, wanted: &str) -> CoreError {
         self.bridge.lock().await.tx = None;
-        self.drop_client();
         let name = match got {
             cm::Msg::DisconnectRes(_) => "disconnect_res",
             cm::Msg::GetPropertiesRes(_) => "get_properties_res",
@@ -339,7 +544,9 @@ impl GrpcClientProxy {
             cm::Msg::FitRes(_) => "fit_res",
             cm::Msg::EvaluateRes(_) => "evaluate_res",
         };
-        self.error(format!("expected {wanted}, got {name}"))
+        let why = format!("expected {wanted}, got {name}");
+        self.shared.drop_client(tonic::Code::InvalidArgument, &why);
+        self.error(why)
     }
 
     fn decode<T>(&self, r: Result<T, petal_proto::ProtoError>) -> Result<T, CoreError> {
@@ -349,7 +556,7 @@ impl GrpcClientProxy {
 
 impl ClientProxy for GrpcClientProxy {
     fn node_id(&self) -> NodeId {
-        self.node
+        self.node()
     }
 
     fn get_parameters(
@@ -362,7 +569,11 @@ impl ClientProxy for GrpcClientProxy {
                 config: wire::config_to_proto(&config),
             };
             let frame = frames::server_message_frame(sm::Msg::GetParametersIns(ins));
-            match self.call(frame, timeout).await? {
+            let expect = Expect {
+                bytes: self.options.max_message_bytes,
+                tensors: self.options.limits.max_tensors,
+            };
+            match self.call(frame, timeout, expect).await? {
                 cm::Msg::GetParametersRes(res) => {
                     if let Some(e) = wire::status_error(&res.status) {
                         return Err(self.error(e));
@@ -381,9 +592,12 @@ impl ClientProxy for GrpcClientProxy {
     fn fit(&self, ins: FitIns, timeout: Option<Duration>) -> ProxyFuture<'_, FitRes> {
         Box::pin(async move {
             let frame = frames::fit_ins_frame(&ins);
-            drop(ins);
-            match self.call(frame, timeout).await? {
-                cm::Msg::FitRes(res) => self.decode(wire::fit_res_from_proto(&res)),
+            let expect = self.expect_model(&ins.parameters);
+            let model = ins.parameters;
+            match self.call(frame, timeout, expect).await? {
+                cm::Msg::FitRes(res) => {
+                    self.decode(wire::fit_res_from_proto_like(&res, Some(&model)))
+                }
                 other => Err(self.unexpected(&other, "fit_res").await),
             }
         })
@@ -397,7 +611,11 @@ impl ClientProxy for GrpcClientProxy {
         Box::pin(async move {
             let frame = frames::evaluate_ins_frame(&ins);
             drop(ins);
-            match self.call(frame, timeout).await? {
+            let expect = Expect {
+                bytes: REPLY_SLACK,
+                tensors: 0,
+            };
+            match self.call(frame, timeout, expect).await? {
                 cm::Msg::EvaluateRes(res) => self.decode(wire::evaluate_res_from_proto(&res)),
                 other => Err(self.unexpected(&other, "evaluate_res").await),
             }
@@ -409,11 +627,15 @@ impl ClientProxy for GrpcClientProxy {
             let frame = frames::server_message_frame(sm::Msg::ReconnectIns(sm::ReconnectIns {
                 seconds: 0,
             }));
-            let reply = self.call(frame, timeout).await;
+            let expect = Expect {
+                bytes: REPLY_SLACK,
+                tensors: 0,
+            };
+            let reply = self.call(frame, timeout, expect).await;
             // Close our half of the stream so the client sees the end.
             self.bridge.lock().await.tx = None;
-            if let Some(r) = self.registry.upgrade() {
-                r.unregister(self.node);
+            if let Some(r) = self.shared.registry.upgrade() {
+                r.unregister(self.node());
             }
             match reply? {
                 cm::Msg::DisconnectRes(_) => Ok(()),

@@ -95,6 +95,33 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Refuses values training cannot use, naming the flag and its range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=petal_ml::MAX_EPOCHS).contains(&self.epochs),
+            "--epochs {} is outside 1..={}",
+            self.epochs,
+            petal_ml::MAX_EPOCHS
+        );
+        anyhow::ensure!(
+            (1..=petal_ml::MAX_BATCH_SIZE).contains(&self.batch_size),
+            "--batch-size {} is outside 1..={}",
+            self.batch_size,
+            petal_ml::MAX_BATCH_SIZE
+        );
+        anyhow::ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "--lr {} must be a positive number",
+            self.lr
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.momentum),
+            "--momentum {} is outside [0, 1)",
+            self.momentum
+        );
+        Ok(())
+    }
+
     /// As [`TrainOptions`].
     pub fn options(&self, seed: u64) -> TrainOptions {
         TrainOptions {
@@ -141,7 +168,113 @@ pub struct LearnerArgs {
     pub partition_cache: Option<PathBuf>,
 }
 
+/// Most threads a learner may use.
+pub const MAX_THREADS: usize = 256;
+
+/// Bytes of memory this machine has (`MemTotal`), when known.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Values in the seed CNN for images of `shape` (`None`: too small for
+/// its two 5×5 convolutions and 2×2 pools, or too large to count).
+pub fn seed_cnn_values(shape: [usize; 3], classes: usize) -> Option<usize> {
+    let [c, h, w] = shape;
+    let side = |x: usize| {
+        x.checked_sub(4)
+            .map(|x| x / 2)?
+            .checked_sub(4)
+            .map(|x| x / 2)
+    };
+    let (h2, w2) = (side(h).filter(|&v| v > 0)?, side(w).filter(|&v| v > 0)?);
+    let conv = |cin: usize, cout: usize| cin.checked_mul(25)?.checked_mul(cout)?.checked_add(cout);
+    let fc1_in = h2.checked_mul(w2)?.checked_mul(16)?;
+    [
+        conv(c, 6)?,
+        conv(6, 16)?,
+        fc1_in.checked_mul(120)?.checked_add(120)?,
+        120 * 84 + 84,
+        classes.checked_mul(85)?,
+    ]
+    .iter()
+    .try_fold(0usize, |a, &b| a.checked_add(b))
+}
+
 impl LearnerArgs {
+    /// Refuses settings that cannot work or would exhaust memory, before
+    /// anything starts, naming the flag and what is allowed.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.threads <= MAX_THREADS,
+            "--threads {} is more than {MAX_THREADS}",
+            self.threads
+        );
+        self.train.validate()?;
+        anyhow::ensure!(
+            self.num_partitions >= 1,
+            "--num-partitions must be at least 1"
+        );
+        anyhow::ensure!(
+            self.partition_id < self.num_partitions,
+            "--partition-id {} does not exist: --num-partitions is {}",
+            self.partition_id,
+            self.num_partitions
+        );
+        if self.data.dataset == "synthetic" {
+            let [c, h, w] = self.data.synthetic_shape;
+            anyhow::ensure!(
+                c >= 1 && h >= 1 && w >= 1,
+                "--synthetic-shape {c}x{h}x{w} has an empty dimension"
+            );
+        }
+        let shape = self.data.shape();
+        let shown = format!("{}x{}x{}", shape[0], shape[1], shape[2]);
+        let model = match self.device()? {
+            Backend::Noop => self.noop_values.unwrap_or(0),
+            _ => seed_cnn_values(shape, 10).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "images of {shown} do not fit the CNN: height and width must be at least 16"
+                )
+            })?,
+        };
+        // Weights, gradients, momentum and two copies in flight, in f32;
+        // the client's images as bytes; activations of one batch.
+        let pixels = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let images = if self.data.dataset == "synthetic" {
+            (self.data.synthetic_train + self.data.synthetic_test) as u64
+        } else {
+            70_000
+        };
+        let need = pixels.and_then(|p| {
+            let data = p.checked_mul(images)?;
+            let acts = p
+                .checked_mul(self.train.batch_size as u64)?
+                .checked_mul(4 * 8)?;
+            (model as u64)
+                .checked_mul(20)?
+                .checked_add(data)?
+                .checked_add(acts)
+        });
+        if let Some(total) = total_memory() {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            match need {
+                Some(n) if n <= total / 2 => {}
+                _ => anyhow::bail!(
+                    "images of {shown} ({images} per client, batches of {}) need about {} GiB per \
+                     client; this machine has {:.1} GiB: use smaller --synthetic-shape, \
+                     --synthetic-train or --batch-size",
+                    self.train.batch_size,
+                    need.map_or("more than 2^64 bytes".into(), |n| format!("{:.1}", gib(n))),
+                    gib(total)
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// The backend, already validated by the flag parser.
     pub fn device(&self) -> anyhow::Result<Backend> {
         self.device.parse().map_err(|e: String| anyhow::anyhow!(e))
@@ -198,9 +331,33 @@ pub struct RoundArgs {
     /// Continue the run saved in this folder at its next round.
     #[arg(long, conflicts_with = "out")]
     pub resume: Option<PathBuf>,
-    /// Largest message accepted from a client, in MiB (a bigger one drops the client).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What a peer may make the server hold: every limit of the transport.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Largest message accepted from a client, in MiB (a bigger one drops
+    /// the client). A fit result is also at most twice the model plus 16 MiB.
     #[arg(long, default_value_t = 512)]
     pub max_message_mb: usize,
+    /// Metrics one reply may carry (keys of at most 256 bytes, string
+    /// values of at most 64 KiB); more drop the client.
+    #[arg(long, default_value_t = 1024)]
+    pub max_metrics: usize,
+    /// Tensors one reply may carry (a fit result must match the model's).
+    #[arg(long, default_value_t = 100_000)]
+    pub max_tensors: usize,
+    /// Clients (HTTP/2 streams) one connection may carry.
+    #[arg(long, default_value_t = 4096)]
+    pub max_streams_per_connection: u32,
+    /// Connections one IP address may open; more are closed at once.
+    #[arg(long, default_value_t = 128)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a new connection has to start HTTP/2.
+    #[arg(long, default_value_t = 10.0)]
+    pub handshake_timeout: f64,
 }
 
 /// Server-side federation settings.

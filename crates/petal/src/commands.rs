@@ -41,19 +41,44 @@ fn fit_config(train: &TrainArgs) -> Config {
 }
 
 fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
-    let max_message_bytes = round
+    let l = &round.limits;
+    let max_message_bytes = l
         .max_message_mb
         .checked_mul(1 << 20)
         .filter(|&b| b > 0)
         .context("--max-message-mb must be between 1 and a few thousand")?;
+    anyhow::ensure!(l.max_metrics >= 1, "--max-metrics must be at least 1");
+    anyhow::ensure!(l.max_tensors >= 1, "--max-tensors must be at least 1");
+    anyhow::ensure!(
+        l.max_streams_per_connection >= 1,
+        "--max-streams-per-connection must be at least 1"
+    );
+    anyhow::ensure!(
+        l.max_connections_per_ip >= 1,
+        "--max-connections-per-ip must be at least 1"
+    );
+    let handshake_timeout = secs(Some(l.handshake_timeout), false)?
+        .filter(|d| !d.is_zero())
+        .context("--handshake-timeout must be a positive number of seconds")?;
+    anyhow::ensure!(round.rounds >= 1, "--rounds must be at least 1");
+    let defaults = ServerOptions::default();
     Ok(ServerOptions {
         max_message_bytes,
-        ..ServerOptions::default()
+        limits: petal_server::limits::Limits {
+            max_metrics: l.max_metrics,
+            max_tensors: l.max_tensors,
+            ..defaults.limits
+        },
+        max_streams_per_connection: l.max_streams_per_connection,
+        max_connections_per_ip: l.max_connections_per_ip,
+        handshake_timeout,
+        ..defaults
     })
 }
 
 /// `petal server`: serve until the federation completes; returns its history.
 pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
+    args.train.validate()?;
     let registry = Arc::new(Registry::new());
     let options = server_options(&args.federation.round)?;
     let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
@@ -326,6 +351,7 @@ pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
         Some(json) => LearnerArgs::from_json(json)?,
         None => args.learner.clone(),
     };
+    learner.validate()?;
     let (learner, ids, slots) = share_process(learner, args.clients, args.max_concurrent_fit)?;
     let mut opts = ConnectOptions::new(&args.server);
     opts.max_attempts = args.connect_attempts;
@@ -469,6 +495,7 @@ fn build_clients(
 /// `petal worker`: one instruction on stdin, one reply on stdout.
 pub fn worker(learner_config: &str) -> anyhow::Result<()> {
     let args = LearnerArgs::from_json(learner_config)?;
+    args.validate()?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     serve_worker(&mut stdin.lock(), &mut stdout.lock(), || {
@@ -499,8 +526,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if fit > min {
         bail!("--fit-clients {fit} is more than --min-clients {min}");
     }
-    // Check the data once here rather than in every client process.
-    args.learner.device()?;
+    // Check the settings and the data once here rather than in every
+    // client process.
+    let mut check = args.learner.clone();
+    check.num_partitions = args.clients;
+    check.validate()?;
     args.learner
         .data
         .spec()?
@@ -521,15 +551,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         fit_clients: fit,
         wait_timeout: Some(args.wait_timeout),
     };
+    let per_process = args.clients_per_process.clamp(1, args.clients);
+    let processes = args.clients.div_ceil(per_process);
+    let mut options = server_options(&fed.round)?;
+    // Every client process connects from this machine.
+    options.max_connections_per_ip = options.max_connections_per_ip.max(processes + 16);
     let registry = Arc::new(Registry::new());
-    let grpc =
-        GrpcServer::start(args.address, registry.clone(), server_options(&fed.round)?).await?;
+    let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
     let (run_dir, resume) = open_run_dir(&fed.round)?;
     let addr = grpc.local_addr();
 
     let exe = std::env::current_exe().context("locating the petal executable")?;
-    let per_process = args.clients_per_process.clamp(1, args.clients);
-    let processes = args.clients.div_ceil(per_process);
     let slots = args
         .max_concurrent_fit
         .unwrap_or((cores / processes).max(1))
@@ -691,6 +723,12 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     if !(10.0..=1800.0).contains(&args.heartbeat_interval) {
         bail!("--heartbeat-interval must be between 10 and 1800 seconds");
     }
+    args.learner.validate()?;
+    let max_message_bytes = args
+        .max_message_mb
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .context("--max-message-mb must be between 1 and a few thousand")?;
     let (learner, ids, slots) =
         share_process(args.learner.clone(), args.nodes, args.max_concurrent_fit)?;
     let keys: Vec<Option<petal_fleet::NodeKey>> = match args.auth_key.len() {
@@ -713,6 +751,7 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     opts.poll_interval = secs(Some(args.poll_interval), false)?.unwrap_or(Duration::from_secs(1));
     opts.max_attempts = args.connect_attempts;
     opts.parameter_names = Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect());
+    opts.max_message_bytes = max_message_bytes;
     let cache = tempfile::Builder::new()
         .prefix("petal-node-")
         .tempdir()
@@ -720,13 +759,15 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     let (isolation, timeout) = (args.isolation, args.worker_timeout);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("stopping: the nodes leave the SuperLink after their current message");
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = stopping_tx.send(());
     });
     let k = ids.len();
-    let outcomes = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let work = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let clients = build_clients(&learner, ids.clone(), isolation, timeout, cache.path())?;
         let slots = Arc::new(Slots::new(slots));
         std::thread::scope(|scope| {
@@ -752,9 +793,27 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
                 .map(|(id, t)| (id, t.join()))
                 .collect::<Vec<_>>())
         })
-    })
-    .await
-    .context("the nodes' thread failed")??;
+    });
+    tokio::pin!(work);
+    // A stop is honoured within 5 s, even when a request to the SuperLink
+    // is still in progress (its timeout is longer).
+    let grace = async {
+        if stopping.await.is_ok() {
+            tokio::time::sleep(NODE_STOP_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcomes = tokio::select! {
+        w = &mut work => w.context("the nodes' thread failed")??,
+        () = grace => {
+            tracing::warn!(
+                "a node was still busy {} s after the stop; leaving without it",
+                NODE_STOP_GRACE.as_secs()
+            );
+            return Ok(());
+        }
+    };
     let (mut replies, mut failures, mut errors) = (0, 0, Vec::new());
     for (id, outcome) in outcomes {
         match outcome {
@@ -773,6 +832,9 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
         n => bail!("{n} of {k} nodes failed: {}", errors.join("; ")),
     }
 }
+
+/// How long `petal node` waits for its nodes after SIGTERM or Ctrl-C.
+const NODE_STOP_GRACE: Duration = Duration::from_secs(4);
 
 /// How many clients of a process may work at once.
 struct Slots {

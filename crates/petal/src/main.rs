@@ -80,6 +80,10 @@ pub struct NodeArgs {
     /// number of cores); the others wait their turn.
     #[arg(long)]
     pub max_concurrent_fit: Option<usize>,
+    /// Bytes of objects one message may bring, in MiB; a bigger message is
+    /// answered with an error.
+    #[arg(long, default_value_t = 256)]
+    pub max_message_mb: usize,
     /// Heartbeat interval announced to the SuperLink, seconds (10-1800).
     #[arg(long, default_value_t = 30.0)]
     pub heartbeat_interval: f64,
@@ -223,7 +227,7 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| {
-                rt.block_on(async move {
+                let r = rt.block_on(async move {
                     match command {
                         Command::Server(a) => commands::server(&a).await.map(|_| ()),
                         Command::Client(a) => commands::client(&a).await,
@@ -233,7 +237,10 @@ fn main() -> std::process::ExitCode {
                             unreachable!("handled above")
                         }
                     }
-                })
+                });
+                // Threads still blocked in a request are abandoned, not awaited.
+                rt.shutdown_timeout(std::time::Duration::from_millis(500));
+                r
             }),
     };
     match result {

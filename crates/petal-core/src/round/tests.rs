@@ -23,6 +23,8 @@ enum Act {
     LeaveAfterFit,
     /// Gives NaN parameters when asked for initial parameters.
     NanInit,
+    /// Never answers a request for initial parameters.
+    SilentInit,
 }
 
 /// An in-process client that "trains" by adding its offset.
@@ -43,6 +45,9 @@ impl ClientProxy for Fake {
     }
     fn get_parameters(&self, _: Config, _: Option<Duration>) -> ProxyFuture<'_, Parameters> {
         Box::pin(async move {
+            if self.act == Act::SilentInit {
+                std::future::pending::<()>().await;
+            }
             let v = if self.act == Act::NanInit {
                 f32::NAN
             } else {
@@ -75,7 +80,7 @@ impl ClientProxy for Fake {
                         r.unregister(self.node);
                     }
                 }
-                Act::Honest | Act::NanInit => {}
+                Act::Honest | Act::NanInit | Act::SilentInit => {}
             }
             Ok(FitRes {
                 parameters: Parameters::new(tensors),
@@ -286,6 +291,31 @@ async fn initial_parameters_come_from_the_first_usable_client() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
+}
+
+/// Silent clients do not delay the initial model: several are asked at
+/// once and the first usable answer wins (each silent client asked alone
+/// would cost a whole call timeout, here an hour).
+#[tokio::test]
+async fn silent_clients_do_not_delay_the_initial_model() {
+    for seed in 0..10 {
+        let mut spec = vec![(1.0, 1, Act::SilentInit); 6];
+        spec.insert(seed as usize % 7, (1.0, 1, Act::Honest));
+        let f = fleet(&spec);
+        let cfg = RunConfig {
+            call_timeout: Some(Duration::from_secs(3600)),
+            sample_seed: seed,
+            ..config(1)
+        };
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            initial_parameters(&*f.registry, &mut fedavg(1, 1), &cfg),
+        )
+        .await
+        .expect("the honest client's answer is used at once")
+        .unwrap();
+        assert_eq!(got.tensors[0].data, vec![0.0]);
+    }
 }
 
 #[tokio::test]

@@ -49,7 +49,7 @@ fn flowers_objects_parse_and_their_ids_are_their_hashes() {
         assert_eq!(&object_id(content), id);
         parse_object(id, content).unwrap();
     }
-    let ids = tree_ids(&f.tree);
+    let ids = tree_ids(&f.tree).unwrap();
     assert_eq!(ids.last(), Some(&f.message_id), "the message comes last");
     assert_eq!(ids.len(), f.objects.len());
 }
@@ -57,9 +57,7 @@ fn flowers_objects_parse_and_their_ids_are_their_hashes() {
 #[test]
 fn flowers_records_decode() {
     let f = fixture();
-    let objects = Objects {
-        contents: &f.objects,
-    };
+    let objects = Objects::new(&f.objects);
     let rd_id = &f.tree.children[0].object_id;
     let content = objects.record_dict(rd_id).unwrap();
     let names: Vec<&str> = content.iter().map(|(n, _)| n.as_str()).collect();
@@ -95,9 +93,7 @@ fn flowers_records_decode() {
 #[test]
 fn encoding_reproduces_flowers_bytes_and_ids() {
     let f = fixture();
-    let objects = Objects {
-        contents: &f.objects,
-    };
+    let objects = Objects::new(&f.objects);
     let content = objects.record_dict(&f.tree.children[0].object_id).unwrap();
     let mut set = ObjectSet::default();
     let (msg, tree) = encode_message(&mut set, f.metadata.clone(), Some(&content), None);
@@ -132,11 +128,9 @@ fn large_arrays_are_chunked_and_read_back() {
     let (_, tree) = encode_message(&mut set, proto::Metadata::default(), Some(&content), None);
     let array = &tree.children[0].children[0].children[0];
     assert_eq!(array.children.len(), 3, "three chunks");
-    let back = Objects {
-        contents: &set.contents,
-    }
-    .record_dict(&tree.children[0].object_id)
-    .unwrap();
+    let back = Objects::new(&set.contents)
+        .record_dict(&tree.children[0].object_id)
+        .unwrap();
     assert_eq!(back, content);
 }
 
@@ -162,9 +156,7 @@ fn hostile_objects_are_errors() {
     let rd = object_bytes("RecordDict", &[child_id], body.as_bytes());
     let rd_id = object_id(&rd);
     objects.insert(rd_id.clone(), Bytes::from(rd));
-    let e = Objects { contents: &objects }
-        .record_dict(&rd_id)
-        .unwrap_err();
+    let e = Objects::new(&objects).record_dict(&rd_id).unwrap_err();
     assert!(e.to_string().contains("children differ"), "{e}");
 }
 
