@@ -16,6 +16,8 @@ pub mod auth;
 pub mod http;
 pub mod node;
 pub mod objects;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::NodeKey;
 pub use http::{Connection, FleetClient, FleetError};

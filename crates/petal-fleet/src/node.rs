@@ -317,6 +317,7 @@ fn serve_once(
         pause(opts.poll_interval, stop);
         return Ok(());
     };
+    let empty = proto::ObjectTree::default();
     let Some(meta) = msg.metadata.clone() else {
         // Nothing to reply to: skip it (the SuperLink does not send a
         // message twice).
@@ -333,10 +334,16 @@ fn serve_once(
     let started = Instant::now();
     // Objects that are missing, corrupt or unparsable fail this message
     // (an error reply), not the node.
-    let objects = match pull_objects(s, meta.run_id, &tree, stop, opts.max_message_bytes) {
-        Err(FleetError::Malformed { reason, .. }) => Err(format!("bad message objects: {reason}")),
-        r => Ok(r?),
+    let objects = match &tree {
+        Err(why) => Err(why.clone()),
+        Ok(tree) => match pull_objects(s, meta.run_id, tree, stop, opts.max_message_bytes) {
+            Err(FleetError::Malformed { reason, .. }) => {
+                Err(format!("bad message objects: {reason}"))
+            }
+            r => Ok(r?),
+        },
     };
+    let tree = tree.as_ref().unwrap_or(&empty);
     s.client.call::<proto::ConfirmMessageReceivedResponse>(
         "confirm-message-received",
         &proto::ConfirmMessageReceivedRequest {
@@ -345,7 +352,12 @@ fn serve_once(
             message_object_id: meta.message_id.clone(),
         },
     )?;
-    let answered = objects.and_then(|objects| answer(&meta, &tree, &objects, client, opts));
+    let answered = objects.and_then(|objects| {
+        // Arrays assembled from the objects share the message's budget.
+        let pulled: usize = objects.values().map(Bytes::len).sum();
+        let budget = opts.max_message_bytes.saturating_sub(pulled);
+        answer(&meta, tree, &objects, client, opts, budget)
+    });
     let (content, error) = match answered {
         Ok(content) => (Some(content), None),
         Err(reason) => {
@@ -368,8 +380,12 @@ fn serve_once(
 /// The first message of a `PullMessagesResponse` and its object tree,
 /// decoded alone: the others (a SuperLink sends one at a time) are
 /// refused without being decoded, and an object tree over
-/// [`MAX_CHILDREN`] nodes is refused before it is decoded.
-fn first_message(bytes: &[u8]) -> Result<Option<(proto::Message, proto::ObjectTree)>, FleetError> {
+/// [`MAX_CHILDREN`] nodes is refused (the message answered with an error)
+/// before it is decoded.
+#[allow(clippy::type_complexity)]
+fn first_message(
+    bytes: &[u8],
+) -> Result<Option<(proto::Message, Result<proto::ObjectTree, String>)>, FleetError> {
     let malformed = |reason: String| FleetError::Malformed {
         rpc: "pull-messages".into(),
         reason,
@@ -395,9 +411,12 @@ fn first_message(bytes: &[u8]) -> Result<Option<(proto::Message, proto::ObjectTr
     let (Some(msg), Some(tree)) = (msg, tree) else {
         return Ok(None);
     };
-    count_tree_nodes(tree, 0, &mut 0).map_err(|e| malformed(e.to_string()))?;
     let msg = proto::Message::decode(msg).map_err(|e| malformed(e.to_string()))?;
-    let tree = proto::ObjectTree::decode(tree).map_err(|e| malformed(e.to_string()))?;
+    let tree = count_tree_nodes(tree, 0, &mut 0)
+        .map_err(|e| format!("bad message objects: {e}"))
+        .and_then(|()| {
+            proto::ObjectTree::decode(tree).map_err(|e| format!("bad message objects: {e}"))
+        });
     Ok(Some((msg, tree)))
 }
 
@@ -483,8 +502,9 @@ fn answer(
     objects: &BTreeMap<String, Bytes>,
     client: &mut dyn Client,
     opts: &NodeOptions,
+    budget: usize,
 ) -> Result<RecordDict, String> {
-    let view = Objects::with_budget(objects, opts.max_message_bytes);
+    let view = Objects::with_budget(objects, budget);
     let rd_id = tree
         .children
         .first()

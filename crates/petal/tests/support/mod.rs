@@ -34,10 +34,18 @@ pub fn require(what: &str, present: bool) -> bool {
     false
 }
 
+/// The `petal` binary under test: this build's, or `$PETAL_TEST_BIN` (to
+/// check that a test fails on another version).
+pub fn petal_bin() -> std::path::PathBuf {
+    std::env::var_os("PETAL_TEST_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_petal").into())
+}
+
 /// A `petal` command with a dead proxy in the environment (loopback gRPC
 /// must ignore it) and quiet logs.
 pub fn petal() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_petal"));
+    let mut c = Command::new(petal_bin());
     c.env("RUST_LOG", "warn")
         .env("http_proxy", "http://127.0.0.1:9")
         .env("https_proxy", "http://127.0.0.1:9")
@@ -62,8 +70,13 @@ impl Server {
         if !args.contains(&"--address") {
             cmd.args(["--address", "127.0.0.1:0"]);
         }
+        cmd.args(args);
+        Server::start_cmd(cmd)
+    }
+
+    /// Starts a prepared `petal server` command and waits for it to listen.
+    pub fn start_cmd(mut cmd: Command) -> Server {
         let mut child = cmd
-            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -123,10 +136,10 @@ pub fn history(dir: &Path) -> serde_json::Value {
 
 /// Sends raw bytes as the client's messages and reads the server's messages.
 #[derive(Clone, Copy)]
-struct RawCodec;
+pub struct RawCodec;
 
-struct RawEncoder;
-struct MessageDecoder;
+pub struct RawEncoder;
+pub struct MessageDecoder;
 
 impl Codec for RawCodec {
     type Encode = Bytes;
@@ -267,6 +280,61 @@ pub fn decode_params(p: &flwr::Parameters) -> Vec<Vec<f32>> {
         .iter()
         .map(|t| npy::decode(t).unwrap().data)
         .collect()
+}
+
+/// Resident memory of process `pid` in MiB (from `/proc`), if it runs.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// CPU seconds (user + system) process `pid` has used, if it runs.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Samples the resident memory of `pid` every 50 ms until dropped; the
+/// largest value seen.
+pub struct PeakRss {
+    peak: Arc<Mutex<f64>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`.
+    pub fn watch(pid: u32) -> PeakRss {
+        let peak = Arc::new(Mutex::new(0.0f64));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(r) = rss_mib(pid) {
+                    let mut m = p.lock().unwrap();
+                    *m = m.max(r);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        PeakRss { peak, stop }
+    }
+
+    /// The largest resident memory seen so far, in MiB.
+    pub fn mib(&self) -> f64 {
+        *self.peak.lock().unwrap()
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A free loopback port.
