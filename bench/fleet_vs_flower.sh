@@ -6,14 +6,14 @@
 #   bench/fleet_vs_flower.sh [N,N,...] [ROUNDS] [extra flags of fleet_vs_flower.py]
 #   (default 1,10 and 6; e.g. `100 6 --kinds petal,petal-shared --name fleet_petal_100`)
 #
-# Flower comes from a venv created under target/flwr-venv (pip install
+# Flower comes from a venv created under ~/.cache/petal/flwr-venv (pip install
 # flwr==1.41.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NS=${1:-1,10}
 ROUNDS=${2:-6}
 shift $(( $# < 2 ? $# : 2 ))
-venv=target/flwr-venv
+venv=${PETAL_CACHE:-$HOME/.cache/petal}/flwr-venv
 if ! "$venv/bin/python" -c 'import flwr' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet flwr==1.41.0

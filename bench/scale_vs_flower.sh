@@ -5,7 +5,7 @@
 #
 #   bench/scale_vs_flower.sh [N,N,...] [ROUNDS]      (default 2,50,200,1000 and 10)
 #
-# Flower comes from a venv created under target/flwr-venv (pip install
+# Flower comes from a venv created under ~/.cache/petal/flwr-venv (pip install
 # flwr==1.41.0), or from PETAL_FLWR_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ NS=${1:-2,50,200,1000}
 ROUNDS=${2:-10}
 PY=${PETAL_FLWR_PYTHON:-}
 if [ -z "$PY" ]; then
-  venv=target/flwr-venv
+  venv=${PETAL_CACHE:-$HOME/.cache/petal}/flwr-venv
   if ! "$venv/bin/python" -c 'import flwr' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet flwr==1.41.0

@@ -230,15 +230,16 @@ async fn data_no_call_waits_for_is_not_buffered() {
 }
 
 /// Replies that grow when decoded: 6 million empty tensors (12 MB on the
-/// wire, gigabytes decoded), 200,000 small metrics, and metrics under the
-/// limit but each client with names of its own. The first two are refused
+/// wire, hundreds of MB decoded), 200,000 small metrics, metrics under the
+/// limit but each client with names of its own, and a reply larger than a
+/// fit result for this model can be (20 million empty tensors, 40 MB). The first two are refused
 /// on their bytes, before decoding; names aggregated per round are capped;
 /// the history stays small and the model is FedAvg of the honest clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_that_grow_when_decoded_are_refused_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut server = Server::start(&server_args(out.to_str().unwrap(), "5", &[]));
+    let mut server = Server::start(&server_args(out.to_str().unwrap(), "6", &[]));
     let peak = PeakRss::watch(server.child.id());
     let addr = server.addr.clone();
     let mut tasks = Vec::new();
@@ -261,6 +262,11 @@ async fn replies_that_grow_when_decoded_are_refused_before_decoding() {
     let c = RawClient::join(&addr).await;
     let own: Vec<(String, f64)> = (0..1000).map(|i| (format!("b{i}"), 1.0)).collect();
     tasks.push(tokio::spawn(honest(c, 4.0, 30, own)));
+    let c = RawClient::join(&addr).await;
+    tasks.push(tokio::spawn(replies_to_fit_with(
+        c,
+        empty_tensors_fit_res(20_000_000),
+    )));
     let status = tokio::task::spawn_blocking(move || {
         let s = server.wait(Duration::from_secs(180));
         (s, server.log())
@@ -278,6 +284,9 @@ async fn replies_that_grow_when_decoded_are_refused_before_decoding() {
     assert!(tensors.contains("more than 2 tensors"), "{tensors}");
     let metrics = reason_of(&h, 3);
     assert!(metrics.contains("more than 1024 metrics"), "{metrics}");
+    // 40 MB for a model of 12 bytes: more than a fit result can be.
+    let big = reason_of(&h, 6);
+    assert!(big.contains("too large"), "{big}");
     let names = r["fit_metrics"].as_object().unwrap().len();
     assert!(names <= 256, "{names} metric names were aggregated");
     let size = std::fs::metadata(out.join("history.json")).unwrap().len();

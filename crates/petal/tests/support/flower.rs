@@ -1,7 +1,9 @@
 //! Real Flower (`flwr==1.41.0`) for the interop tests.
 //!
-//! The first test to need it creates a venv under `target/flwr-venv` (or
-//! uses `$PETAL_FLWR_PYTHON`), installing flwr from the package index.
+//! The first test to need it creates a venv under
+//! `~/.cache/petal/flwr-venv` (outside the clone, so later runs on the same
+//! machine reuse it; `$PETAL_CACHE` moves it), or uses
+//! `$PETAL_FLWR_PYTHON`, installing flwr from the package index.
 //! Set `PETAL_SKIP_INTEROP=1` to skip these tests on machines without
 //! access to PyPI (refused under CI, where they must run).
 
@@ -24,15 +26,24 @@ pub fn fixture(dir: &str, name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Where Petal's test venvs live: `$PETAL_CACHE`, else `~/.cache/petal`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PETAL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/petal")
+}
+
 /// A Python with flwr installed; created once, under a file lock.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PETAL_FLWR_PYTHON") {
         return PathBuf::from(p);
     }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
-    std::fs::create_dir_all(&target).unwrap();
-    let venv = target.join("flwr-venv");
-    let lock = std::fs::File::create(target.join("flwr-venv.lock")).unwrap();
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).unwrap();
+    let venv = cache.join("flwr-venv");
+    let lock = std::fs::File::create(cache.join("flwr-venv.lock")).unwrap();
     lock.lock().unwrap();
     let py = venv.join("bin/python");
     let ready = venv.join(".installed");
