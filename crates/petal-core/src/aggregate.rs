@@ -1,12 +1,15 @@
 //! Streaming weighted averaging: results are folded in as they arrive, so
 //! memory stays O(model) whatever the number of clients.
 
-use crate::types::{Config, CoreError, Metrics, Parameters, Tensor};
+use crate::types::{Config, CoreError, DType, Metrics, Parameters, Tensor, TensorData};
 
-/// Running weighted sum of parameter sets (accumulated in `f64`).
+/// Running weighted sum of parameter sets, accumulated in `f64` whatever
+/// the tensors' dtypes; the mean is given back in the dtypes of the first
+/// update folded (integers rounded to the nearest value).
 #[derive(Debug, Default)]
 pub struct WeightedMean {
     shapes: Vec<Vec<usize>>,
+    dtypes: Vec<DType>,
     sums: Vec<Vec<f64>>,
     total_weight: f64,
     count: usize,
@@ -32,20 +35,16 @@ impl WeightedMean {
             )));
         }
         for (i, t) in params.tensors.iter().enumerate() {
-            if let Some(pos) = t.data.iter().position(|v| !v.is_finite()) {
+            if let Some((pos, v)) = t.data.first_non_finite() {
                 return Err(CoreError::NotFinite(format!(
-                    "tensor {i} holds {} at index {pos}",
-                    t.data[pos]
+                    "tensor {i} holds {v} at index {pos}"
                 )));
             }
         }
         if self.count == 0 {
             self.shapes = params.tensors.iter().map(|t| t.shape.clone()).collect();
-            self.sums = params
-                .tensors
-                .iter()
-                .map(|t| vec![0.0; t.data.len()])
-                .collect();
+            self.dtypes = params.tensors.iter().map(Tensor::dtype).collect();
+            self.sums = params.tensors.iter().map(|t| vec![0.0; t.len()]).collect();
         } else {
             if params.tensors.len() != self.shapes.len() {
                 return Err(CoreError::ShapeMismatch(format!(
@@ -64,8 +63,13 @@ impl WeightedMean {
             }
         }
         for (sum, t) in self.sums.iter_mut().zip(&params.tensors) {
-            for (acc, &v) in sum.iter_mut().zip(&t.data) {
-                *acc += weight * v as f64;
+            match t.data.as_f32() {
+                Some(values) => {
+                    for (acc, &v) in sum.iter_mut().zip(values) {
+                        *acc += weight * f64::from(v);
+                    }
+                }
+                None => t.data.for_each_f64(|i, v| sum[i] += weight * v),
             }
         }
         self.total_weight += weight;
@@ -82,10 +86,15 @@ impl WeightedMean {
         let tensors = self
             .shapes
             .into_iter()
+            .zip(self.dtypes)
             .zip(self.sums)
-            .map(|(shape, sum)| Tensor {
-                shape,
-                data: sum.into_iter().map(|v| (v / w) as f32).collect(),
+            .map(|((shape, dtype), mut sum)| {
+                sum.iter_mut().for_each(|v| *v /= w);
+                let data = match dtype {
+                    DType::F32 => TensorData::F32(sum.into_iter().map(|v| v as f32).collect()),
+                    other => TensorData::from_f64(other, &sum),
+                };
+                Tensor { shape, data }
             })
             .collect();
         Some(Parameters::new(tensors))
@@ -282,7 +291,7 @@ mod tests {
                     .map(|j| {
                         let s: f64 = updates
                             .iter()
-                            .map(|(p, w)| w * p.tensors[ti].data[j] as f64)
+                            .map(|(p, w)| w * p.tensors[ti].data.as_f32().unwrap()[j] as f64)
                             .sum();
                         (s / total) as f32
                     })
@@ -300,7 +309,7 @@ mod tests {
             }
             let out = m.finish().unwrap();
             for (t, want) in out.tensors.iter().zip(&batch) {
-                for (g, w) in t.data.iter().zip(want) {
+                for (g, w) in t.data.as_f32().unwrap().iter().zip(want) {
                     assert!(
                         (g - w).abs() <= f32::EPSILON * w.abs().max(1e-3),
                         "{g} vs {w}"
@@ -308,6 +317,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn integer_and_half_tensors_keep_their_dtype() {
+        let p = |steps: i64, h: f64| {
+            Parameters::new(vec![
+                Tensor::from_data(vec![], TensorData::I64(vec![steps])).unwrap(),
+                Tensor::from_data(vec![2], TensorData::from_f64(DType::BF16, &[h, -h])).unwrap(),
+            ])
+        };
+        let mut m = WeightedMean::new();
+        m.fold(&p(10, 1.0), 1.0).unwrap();
+        m.fold(&p(13, 2.0), 1.0).unwrap();
+        let out = m.finish().unwrap();
+        assert_eq!(
+            out.tensors[0].data,
+            TensorData::I64(vec![12]),
+            "11.5 rounds to 12"
+        );
+        assert_eq!(out.tensors[0].shape, Vec::<usize>::new());
+        assert_eq!(out.tensors[1].dtype(), DType::BF16);
+        assert_eq!(out.tensors[1].data.to_f64_vec(), vec![1.5, -1.5]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::types::{CoreError, Parameters, Tensor, shape_len};
+use crate::types::{CoreError, DType, Parameters, Tensor, TensorData, shape_len};
 
 /// A checkpoint file larger than this header is refused (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -78,16 +78,21 @@ fn bad(reason: impl Into<String>) -> CoreError {
 }
 
 impl Checkpoint {
-    /// The checkpoint as safetensors bytes (F32, little-endian, tensors in order).
+    /// The checkpoint as safetensors bytes (each tensor in its dtype,
+    /// little-endian, in order).
     pub fn to_safetensors(&self) -> Vec<u8> {
         let names = tensor_names(Some(&self.names), self.parameters.tensors.len());
         let mut header = serde_json::Map::new();
         let mut offset = 0usize;
         for (name, t) in names.iter().zip(&self.parameters.tensors) {
-            let end = offset + t.data.len() * 4;
+            let end = offset + t.num_bytes();
             header.insert(
                 name.clone(),
-                json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
+                json!({
+                    "dtype": t.dtype().safetensors_name(),
+                    "shape": t.shape,
+                    "data_offsets": [offset, end],
+                }),
             );
             offset = end;
         }
@@ -103,9 +108,7 @@ impl Checkpoint {
         header.insert(META.into(), meta);
         let mut data = Vec::with_capacity(offset);
         for t in &self.parameters.tensors {
-            for v in &t.data {
-                data.extend_from_slice(&v.to_le_bytes());
-            }
+            t.data.write_le(&mut data);
         }
         let crc = checksum(&header, &data);
         if let Some(m) = header.get_mut(META).and_then(Value::as_object_mut) {
@@ -215,9 +218,11 @@ impl Checkpoint {
 /// One tensor entry: its name, data offset (for ordering) and values.
 fn parse_entry(name: &str, v: &Value, data: &[u8]) -> Result<(String, usize, Tensor), CoreError> {
     let what = |r: &str| bad(format!("tensor '{name}': {r}"));
-    if v.get("dtype").and_then(Value::as_str) != Some("F32") {
-        return Err(what("only F32 tensors are supported"));
-    }
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .and_then(DType::from_safetensors_name)
+        .ok_or_else(|| what("unsupported dtype"))?;
     let shape: Vec<usize> = v
         .get("shape")
         .cloned()
@@ -233,21 +238,11 @@ fn parse_entry(name: &str, v: &Value, data: &[u8]) -> Result<(String, usize, Ten
     let raw = data
         .get(begin..end)
         .ok_or_else(|| what("data_offsets lie outside the file"))?;
-    if Some(raw.len()) != count.checked_mul(4) {
+    if Some(raw.len()) != count.checked_mul(dtype.size()) {
         return Err(what("data length does not match the shape"));
     }
-    let values = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((
-        name.to_string(),
-        begin,
-        Tensor {
-            shape,
-            data: values,
-        },
-    ))
+    let data = TensorData::from_bytes(dtype, raw, true).map_err(|e| what(&e.to_string()))?;
+    Ok((name.to_string(), begin, Tensor { shape, data }))
 }
 
 #[cfg(test)]
@@ -265,8 +260,20 @@ mod tests {
                 .unwrap(),
                 Tensor::new(vec![], vec![4.25]).unwrap(),
                 Tensor::new(vec![1], vec![-0.0]).unwrap(),
+                Tensor::from_data(vec![], TensorData::I64(vec![-7])).unwrap(),
+                Tensor::from_data(vec![2], TensorData::from_f64(DType::BF16, &[1.5, -3.0]))
+                    .unwrap(),
+                Tensor::from_data(vec![1], TensorData::F16(vec![half::f16::from_f32(0.5)]))
+                    .unwrap(),
             ])),
-            names: vec!["fc.weight".into(), "b".into(), "a".into()],
+            names: vec![
+                "fc.weight".into(),
+                "b".into(),
+                "a".into(),
+                "bn.num_batches_tracked".into(),
+                "h".into(),
+                "g".into(),
+            ],
             strategy_state: json!({"momentum": [1.5, 2.5]}),
             sample_seed: u64::MAX,
             history_crc32: Some(0xdead_beef),
@@ -281,10 +288,10 @@ mod tests {
         assert_eq!((8 + header_len) % 8, 0, "data is 8-byte aligned");
         let back = Checkpoint::from_safetensors(&bytes).unwrap();
         assert_eq!(back, c);
-        let bits = |p: &Parameters| -> Vec<u32> {
+        let bits = |p: &Parameters| -> Vec<u8> {
             p.tensors
                 .iter()
-                .flat_map(|t| t.data.iter().map(|v| v.to_bits()))
+                .flat_map(|t| t.data.to_le_bytes())
                 .collect()
         };
         assert_eq!(bits(&back.parameters), bits(&c.parameters));
@@ -337,7 +344,7 @@ mod tests {
         for h in [
             format!(r#"{{"x":{{"dtype":"F32","shape":[3],"data_offsets":[0,8]}},{meta}}}"#),
             format!(r#"{{"x":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}},{meta}}}"#),
-            format!(r#"{{"x":{{"dtype":"F64","shape":[1],"data_offsets":[0,8]}},{meta}}}"#),
+            format!(r#"{{"x":{{"dtype":"C64","shape":[1],"data_offsets":[0,8]}},{meta}}}"#),
             format!(
                 r#"{{"x":{{"dtype":"F32","shape":[18446744073709551615,2],"data_offsets":[0,8]}},{meta}}}"#
             ),

@@ -17,6 +17,7 @@ pub mod history;
 pub mod round;
 pub mod run_dir;
 pub mod strategy;
+pub mod tensor;
 pub mod types;
 pub mod utc;
 

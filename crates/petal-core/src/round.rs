@@ -343,7 +343,7 @@ impl Step<'_> {
         Ok(aggregated.and_then(|(p, metrics)| {
             record.fit_metrics = metrics;
             match p.check_like(parameters) {
-                Ok(()) => Some(p),
+                Ok(()) => Some(p.cast_like(parameters)),
                 Err(e) => {
                     tracing::error!(
                         "aggregate_fit produced an invalid model ({e}); keeping the previous one"

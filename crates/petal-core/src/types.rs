@@ -5,6 +5,8 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+pub use crate::tensor::{DType, Tensor, TensorData, shape_len};
+
 /// A client's identity within one run, assigned by the server when the
 /// client joins and never reused (Flower's `node_id`).
 #[derive(
@@ -60,34 +62,6 @@ pub fn config_f64(config: &Config, key: &str, default: f64) -> Result<f64, CoreE
     }
 }
 
-/// A dense `f32` array in C order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-/// Number of values a shape holds, or `None` when the product overflows.
-pub fn shape_len(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
-}
-
-impl Tensor {
-    /// Builds a tensor, checking that `data` fills `shape`.
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self, CoreError> {
-        match shape_len(&shape) {
-            Some(n) if n == data.len() => Ok(Tensor { shape, data }),
-            Some(n) => Err(CoreError::ShapeMismatch(format!(
-                "shape {shape:?} holds {n} values, got {}",
-                data.len()
-            ))),
-            None => Err(CoreError::ShapeMismatch(format!(
-                "shape {shape:?} overflows"
-            ))),
-        }
-    }
-}
-
 /// Model parameters: an ordered list of tensors, as Flower's `Parameters`.
 ///
 /// A transport may cache its encoding of the parameters here
@@ -110,7 +84,12 @@ impl Parameters {
 
     /// Total number of scalar values.
     pub fn num_values(&self) -> usize {
-        self.tensors.iter().map(|t| t.data.len()).sum()
+        self.tensors.iter().map(Tensor::len).sum()
+    }
+
+    /// Bytes the values take, in their dtypes.
+    pub fn num_bytes(&self) -> usize {
+        self.tensors.iter().map(Tensor::num_bytes).sum()
     }
 
     /// The transport's encoding of these parameters, computed by `encode`
@@ -132,7 +111,8 @@ impl Parameters {
 
     /// Checks that `self` has the layout (tensor count and shapes) of
     /// `reference` and holds only finite values; the error names the first
-    /// offending tensor.
+    /// offending tensor. Dtypes may differ (a float64 update to a float32
+    /// model is read as values, and the aggregate keeps the model's dtype).
     pub fn check_like(&self, reference: &Parameters) -> Result<(), CoreError> {
         if self.tensors.len() != reference.tensors.len() {
             return Err(CoreError::ShapeMismatch(format!(
@@ -148,14 +128,38 @@ impl Parameters {
                     r.shape, t.shape
                 )));
             }
-            if let Some(pos) = t.data.iter().position(|v| !v.is_finite()) {
+            if let Some((pos, v)) = t.data.first_non_finite() {
                 return Err(CoreError::NotFinite(format!(
-                    "tensor {i} holds {} at index {pos}",
-                    t.data[pos]
+                    "tensor {i} holds {v} at index {pos}"
                 )));
             }
         }
         Ok(())
+    }
+}
+
+impl Parameters {
+    /// These parameters with each tensor in the dtype of `reference`'s
+    /// tensor at the same place (tensors beyond it keep theirs).
+    pub fn cast_like(self, reference: &Parameters) -> Parameters {
+        let same = self
+            .tensors
+            .iter()
+            .zip(&reference.tensors)
+            .all(|(t, r)| t.dtype() == r.dtype());
+        if same {
+            return self;
+        }
+        let tensors = self
+            .tensors
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| match reference.tensors.get(i) {
+                Some(r) if r.dtype() != t.dtype() => t.cast(r.dtype()),
+                _ => t,
+            })
+            .collect();
+        Parameters::new(tensors)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use petal_core::backoff::Backoff;
-use petal_core::{Client, Config, EvaluateIns, FitIns, Parameters, Scalar, Tensor};
+use petal_core::{Client, Config, DType, EvaluateIns, FitIns, Parameters, Scalar};
 use petal_proto::limits::{LimitError, walk_fields};
 use prost::Message as _;
 
@@ -600,7 +600,14 @@ fn parameters_of(
             ));
         }
         let npy = petal_proto::npy::decode(&a.data).map_err(|e| format!("array '{name}': {e}"))?;
-        tensors.push(Tensor::new(npy.shape, npy.data).map_err(|e| format!("array '{name}': {e}"))?);
+        if DType::from_name(&a.dtype) != Some(npy.data.dtype()) {
+            return Err(format!(
+                "array '{name}' says dtype {} but its data is {}",
+                a.dtype,
+                npy.data.dtype()
+            ));
+        }
+        tensors.push(npy.into_tensor());
     }
     Ok((
         ordered.iter().map(|(n, _)| n.clone()).collect(),
@@ -624,10 +631,10 @@ fn names_for(names: &[String], p: &Parameters) -> Result<Vec<(String, ArrayData)
             (
                 n.clone(),
                 ArrayData {
-                    dtype: "float32".into(),
+                    dtype: t.dtype().numpy_name().into(),
                     shape: t.shape.iter().map(|&d| d as i64).collect(),
                     stype: "numpy.ndarray".into(),
-                    data: petal_proto::npy::encode_f32(&t.shape, &t.data),
+                    data: petal_proto::npy::encode(t),
                 },
             )
         })
@@ -762,7 +769,7 @@ mod tests {
         let learner: Vec<String> = vec!["a".into(), "b".into()];
         let (names, p) = parameters_of(&arrays(&["b", "a"]), Some(&learner)).unwrap();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(p.tensors[0].data, vec![1.0], "'a' came second");
+        assert_eq!(p.tensors[0].data, vec![1.0f32], "'a' came second");
         let (names, _) = parameters_of(&arrays(&["0", "1"]), Some(&learner)).unwrap();
         assert_eq!(names, ["0", "1"], "other names: by position");
         assert!(parameters_of(&Vec::new(), None).is_err());

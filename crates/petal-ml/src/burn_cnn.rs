@@ -189,7 +189,10 @@ impl Learner for BurnCnn {
         let mut push = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
             out.push(NamedTensor {
                 name: name.to_string(),
-                tensor: petal_core::Tensor { shape, data },
+                tensor: petal_core::Tensor {
+                    shape,
+                    data: data.into(),
+                },
             });
         };
         for (prefix, conv) in [("conv1", &m.conv1), ("conv2", &m.conv2)] {
@@ -217,20 +220,20 @@ impl Learner for BurnCnn {
         let t4 = |t: &petal_core::Tensor| {
             let s: [usize; 4] = t.shape.clone().try_into().expect("checked shape");
             Param::from_tensor(Tensor::<4>::from_data(
-                TensorData::new(t.data.clone(), s),
+                TensorData::new(t.data.to_f32_vec(), s),
                 &d,
             ))
         };
         let t1 = |t: &petal_core::Tensor| {
             Some(Param::from_tensor(Tensor::<1>::from_data(
-                TensorData::new(t.data.clone(), [t.data.len()]),
+                TensorData::new(t.data.to_f32_vec(), [t.data.len()]),
                 &d,
             )))
         };
         let lin = |t: &petal_core::Tensor| {
             let s = [t.shape[0], t.shape[1]];
             Param::from_tensor(
-                Tensor::<2>::from_data(TensorData::new(t.data.clone(), s), &d).transpose(),
+                Tensor::<2>::from_data(TensorData::new(t.data.to_f32_vec(), s), &d).transpose(),
             )
         };
         m.conv1.weight = t4(&weights[0]);

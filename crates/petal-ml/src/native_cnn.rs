@@ -62,7 +62,7 @@ impl Learner for NativeCnn {
                 name: p.name.clone(),
                 tensor: petal_core::Tensor {
                     shape: p.shape.clone(),
-                    data: p.data.clone(),
+                    data: p.data.clone().into(),
                 },
             })
             .collect())
@@ -76,7 +76,14 @@ impl Learner for NativeCnn {
             .map(|p| (p.name.clone(), p.shape.clone()))
             .collect();
         check_shapes(&layout, weights)?;
-        let values: Vec<&[f32]> = weights.iter().map(|t| t.data.as_slice()).collect();
+        let values: Vec<std::borrow::Cow<'_, [f32]>> = weights
+            .iter()
+            .map(|t| match t.data.as_f32() {
+                Some(v) => std::borrow::Cow::Borrowed(v),
+                None => std::borrow::Cow::Owned(t.data.to_f32_vec()),
+            })
+            .collect();
+        let values: Vec<&[f32]> = values.iter().map(|v| v.as_ref()).collect();
         self.net
             .set_params(&values)
             .map_err(|e| MlError::Weights(e.to_string()))
@@ -193,7 +200,7 @@ mod tests {
             let after = burn.get_weights().unwrap();
 
             let mut net = Network::new(&NetSpec::seed_cnn(shape, 10), 0).unwrap();
-            let values: Vec<&[f32]> = before.iter().map(|t| t.data.as_slice()).collect();
+            let values: Vec<&[f32]> = before.iter().map(|t| t.data.as_f32().unwrap()).collect();
             net.set_params(&values).unwrap();
             let images = Images {
                 shape,
@@ -210,7 +217,15 @@ mod tests {
                     "{}: a gradient that is not trivially zero",
                     a.name
                 );
-                for (i, ((&w0, &w1), &gi)) in b.data.iter().zip(&a.tensor.data).zip(g).enumerate() {
+                for (i, ((&w0, &w1), &gi)) in b
+                    .data
+                    .as_f32()
+                    .unwrap()
+                    .iter()
+                    .zip(a.tensor.data.as_f32().unwrap())
+                    .zip(g)
+                    .enumerate()
+                {
                     let burn_grad = w0 - w1;
                     assert!(
                         (burn_grad - gi).abs() <= 1e-3 * scale,

@@ -1,11 +1,15 @@
 //! NumPy `.npy` encoding and decoding (format versions 1.0, 2.0 and 3.0).
 //!
 //! Flower sends every array as the bytes `numpy.save(allow_pickle=False)`
-//! writes. Petal decodes little- and big-endian floats and integers in C or
-//! Fortran order into `f32` values in C order, and encodes `f32` arrays as
-//! version 1.0 little-endian C-order files, exactly what NumPy writes for a
-//! `float32` array. Object (pickled) arrays are refused: loading them would
-//! run arbitrary code in Python and means nothing here.
+//! writes. Petal decodes little- and big-endian floats, integers and
+//! booleans in C or Fortran order into a tensor of the same dtype in C
+//! order, and encodes tensors as version 1.0 little-endian C-order files,
+//! exactly what NumPy writes for an array of that dtype. bfloat16 travels as
+//! `<V2`, as `ml_dtypes` arrays are saved (NumPy has no bfloat16 of its
+//! own). Object (pickled) arrays are refused: loading them would run
+//! arbitrary code in Python and means nothing here.
+
+use petal_core::{DType, Tensor, TensorData};
 
 use crate::ProtoError;
 
@@ -16,12 +20,55 @@ const MAGIC: &[u8; 6] = b"\x93NUMPY";
 pub struct NpyArray {
     /// Dimensions; empty for a scalar (0-d) array.
     pub shape: Vec<usize>,
-    /// Values converted to `f32`, in C order.
-    pub data: Vec<f32>,
+    /// Values in their dtype, in C order.
+    pub data: TensorData,
 }
 
-/// Encodes `data` (C order) with the given `shape` as a little-endian `<f4` `.npy` file.
+impl NpyArray {
+    /// The array as a tensor.
+    pub fn into_tensor(self) -> Tensor {
+        Tensor {
+            shape: self.shape,
+            data: self.data,
+        }
+    }
+}
+
+/// The `.npy` descr of a dtype, as NumPy writes it.
+pub fn descr(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bool => "|b1",
+        DType::U8 => "|u1",
+        DType::I8 => "|i1",
+        DType::I16 => "<i2",
+        DType::U16 => "<u2",
+        DType::I32 => "<i4",
+        DType::U32 => "<u4",
+        DType::I64 => "<i8",
+        DType::U64 => "<u8",
+        DType::F16 => "<f2",
+        DType::BF16 => "<V2",
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+    }
+}
+
+/// Encodes a tensor as a little-endian C-order `.npy` file.
+pub fn encode(t: &Tensor) -> Vec<u8> {
+    let mut out = header(descr(t.dtype()), &t.shape, t.num_bytes());
+    t.data.write_le(&mut out);
+    out
+}
+
+/// Encodes float32 `data` (C order) with the given `shape` as `<f4`.
 pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let mut out = header("<f4", shape, data.len() * 4);
+    TensorData::F32(data.to_vec()).write_le(&mut out);
+    out
+}
+
+/// Magic, version, header length and the padded header, with room for `body` bytes.
+fn header(descr: &str, shape: &[usize], body: usize) -> Vec<u8> {
     let shape_str = match shape.len() {
         0 => "()".to_string(),
         1 => format!("({},)", shape[0]),
@@ -34,17 +81,17 @@ pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
                 .join(", ")
         ),
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_str}, }}");
     // NumPy pads the header with spaces so that magic + len + header + '\n' is a multiple of 64.
     let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    let mut out = Vec::with_capacity(10 + header.len() + body);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    put_f32_le(&mut out, data);
     out
 }
 
@@ -54,7 +101,7 @@ pub const MAX_HEADER_BYTES: usize = 10_000;
 /// Most dimensions accepted (NumPy's own limit is 64).
 pub const MAX_DIMS: usize = 64;
 
-/// Decodes a `.npy` file into `f32` values in C order.
+/// Decodes a `.npy` file into values of its dtype in C order.
 pub fn decode(bytes: &[u8]) -> Result<NpyArray, ProtoError> {
     decode_expecting(bytes, None)
 }
@@ -110,7 +157,7 @@ pub fn decode_expecting(bytes: &[u8], expected: Option<&[usize]>) -> Result<NpyA
         )));
     }
     let body = &bytes[end..];
-    let width = header.dtype.width();
+    let width = header.dtype.size();
     let expected = count
         .checked_mul(width)
         .ok_or_else(|| bad("shape overflows".into()))?;
@@ -122,131 +169,14 @@ pub fn decode_expecting(bytes: &[u8], expected: Option<&[usize]>) -> Result<NpyA
             body.len()
         )));
     }
-    let mut data = header.dtype.read_all(body, header.little_endian);
+    let mut data = TensorData::from_bytes(header.dtype, body, header.little_endian)?;
     if header.fortran_order && header.shape.len() > 1 {
-        data = fortran_to_c(&data, &header.shape);
+        data = data.fortran_to_c(&header.shape);
     }
     Ok(NpyArray {
         shape: header.shape,
         data,
     })
-}
-
-#[derive(Debug, Clone, Copy)]
-enum DType {
-    F16,
-    F32,
-    F64,
-    I8,
-    I16,
-    I32,
-    I64,
-    U8,
-    U16,
-    U32,
-    U64,
-    Bool,
-}
-
-/// Appends `data` as little-endian bytes (one copy on little-endian hosts).
-fn put_f32_le(out: &mut Vec<u8>, data: &[f32]) {
-    out.reserve(data.len() * 4);
-    if cfg!(target_endian = "little") {
-        // SAFETY: f32 has no padding and any byte pattern of it is valid
-        // to read as bytes; the slice covers exactly `data`'s memory.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
-        out.extend_from_slice(bytes);
-    } else {
-        for v in data {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-}
-
-impl DType {
-    /// Every value of `body` (whole elements of this type) as `f32`, with
-    /// the type decided once, not per element.
-    fn read_all(self, body: &[u8], le: bool) -> Vec<f32> {
-        macro_rules! conv {
-            ($t:ty, $n:expr) => {
-                body.chunks_exact($n)
-                    .map(|c| {
-                        let mut a = [0u8; $n];
-                        a.copy_from_slice(c);
-                        (if le {
-                            <$t>::from_le_bytes(a)
-                        } else {
-                            <$t>::from_be_bytes(a)
-                        }) as f32
-                    })
-                    .collect()
-            };
-        }
-        match self {
-            DType::F32 if le && cfg!(target_endian = "little") => {
-                let mut v = vec![0f32; body.len() / 4];
-                // SAFETY: `v` holds exactly body.len() bytes (whole f32s,
-                // checked by the caller) and every bit pattern is an f32.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        body.as_ptr(),
-                        v.as_mut_ptr() as *mut u8,
-                        v.len() * 4,
-                    );
-                }
-                v
-            }
-            DType::F32 => conv!(f32, 4),
-            DType::F64 => conv!(f64, 8),
-            DType::I16 => conv!(i16, 2),
-            DType::U16 => conv!(u16, 2),
-            DType::I32 => conv!(i32, 4),
-            DType::U32 => conv!(u32, 4),
-            DType::I64 => conv!(i64, 8),
-            DType::U64 => conv!(u64, 8),
-            DType::I8 => body.iter().map(|&b| b as i8 as f32).collect(),
-            DType::U8 => body.iter().map(|&b| b as f32).collect(),
-            DType::Bool => body.iter().map(|&b| (b != 0) as u8 as f32).collect(),
-            DType::F16 => body
-                .chunks_exact(2)
-                .map(|c| {
-                    let h = [c[0], c[1]];
-                    f16_to_f32(if le {
-                        u16::from_le_bytes(h)
-                    } else {
-                        u16::from_be_bytes(h)
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn width(self) -> usize {
-        match self {
-            DType::I8 | DType::U8 | DType::Bool => 1,
-            DType::F16 | DType::I16 | DType::U16 => 2,
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F64 | DType::I64 | DType::U64 => 8,
-        }
-    }
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // Subnormal: value = f * 2^-24.
-            let v = f as f32 * (1.0 / 16_777_216.0);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 struct Header {
@@ -414,6 +344,8 @@ impl Header {
         };
         let dtype = match code {
             "f2" => DType::F16,
+            // ml_dtypes saves bfloat16 as a 2-byte void.
+            "V2" => DType::BF16,
             "f4" => DType::F32,
             "f8" => DType::F64,
             "i1" => DType::I8,
@@ -440,30 +372,6 @@ impl Header {
             shape: shape.clone(),
         })
     }
-}
-
-fn fortran_to_c(data: &[f32], shape: &[usize]) -> Vec<f32> {
-    let n = shape.len();
-    let mut out = vec![0.0; data.len()];
-    let mut idx = vec![0usize; n];
-    for value in out.iter_mut() {
-        // `idx` walks C order; compute the Fortran offset of the same element.
-        let mut f_off = 0;
-        let mut stride = 1;
-        for (d, &i) in idx.iter().enumerate() {
-            f_off += i * stride;
-            stride *= shape[d];
-        }
-        *value = data[f_off];
-        for d in (0..n).rev() {
-            idx[d] += 1;
-            if idx[d] < shape[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -513,7 +421,7 @@ mod tests {
         }
         let a = decode(&v).unwrap();
         assert_eq!(a.shape, vec![2, 3]);
-        assert_eq!(a.data, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(a.data, TensorData::F64(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]));
     }
 
     #[test]
@@ -602,17 +510,49 @@ mod tests {
     fn header_spellings_numpy_may_write() {
         let h = "{\"descr\": \"<i2\", \"fortran_order\": False, \"shape\": (2L,)}";
         let a = decode(&with_header(h, &[1, 0, 0xff, 0xff])).unwrap();
-        assert_eq!((a.shape, a.data), (vec![2], vec![1.0, -1.0]));
+        assert_eq!((a.shape, a.data), (vec![2], TensorData::I16(vec![1, -1])));
         let h = "{'shape': (), 'fortran_order': True, 'descr': '|b1'}";
-        assert_eq!(decode(&with_header(h, &[1])).unwrap().data, vec![1.0]);
+        assert_eq!(
+            decode(&with_header(h, &[1])).unwrap().data,
+            TensorData::Bool(vec![true])
+        );
         let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }";
         assert_eq!(decode(&with_header(h, &[])).unwrap().shape, vec![0, 3]);
     }
 
     #[test]
     fn half_precision() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        let h = "{'descr': '<f2', 'fortran_order': False, 'shape': (3,), }";
+        let a = decode(&with_header(h, &[0x00, 0x3c, 0x00, 0xc0, 0x01, 0x00])).unwrap();
+        assert_eq!(
+            a.data.to_f64_vec(),
+            vec![1.0, -2.0, 5.960_464_477_539_063e-8]
+        );
+    }
+
+    /// Every dtype survives an encode and decode, with NumPy's descr.
+    #[test]
+    fn every_dtype_round_trips() {
+        for dtype in DType::ALL {
+            let t = Tensor::from_data(
+                vec![2, 2],
+                TensorData::from_f64(dtype, &[1.0, 0.0, 3.0, 1.0]),
+            )
+            .unwrap();
+            let bytes = encode(&t);
+            assert_eq!(
+                bytes.len() % 64,
+                (t.num_bytes()) % 64,
+                "{dtype}: header padded to 64"
+            );
+            let back = decode(&bytes).unwrap();
+            assert_eq!(back.into_tensor(), t, "{dtype}");
+        }
+        let scalar = Tensor::from_data(vec![], TensorData::I64(vec![42])).unwrap();
+        let text = String::from_utf8_lossy(&encode(&scalar)[..70]).into_owned();
+        assert!(
+            text.contains("'descr': '<i8'") && text.contains("'shape': ()"),
+            "{text}"
+        );
     }
 }

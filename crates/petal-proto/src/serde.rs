@@ -18,7 +18,7 @@ pub fn npy_tensors(p: &Parameters) -> Arc<NpyTensors> {
         NpyTensors(
             p.tensors
                 .iter()
-                .map(|t| Bytes::from(npy::encode_f32(&t.shape, &t.data)))
+                .map(|t| Bytes::from(npy::encode(t)))
                 .collect(),
         )
     })
@@ -47,7 +47,7 @@ pub fn parameters_from_proto(p: &flwr::Parameters) -> Result<Parameters, ProtoEr
                 index,
                 source: Box::new(e),
             })?;
-            Ok(Tensor::new(a.shape, a.data)?)
+            Ok(Tensor::from_data(a.shape, a.data)?)
         })
         .collect::<Result<_, ProtoError>>()?;
     Ok(Parameters::new(tensors))
@@ -83,7 +83,7 @@ pub fn parameters_from_proto_like(
                     index,
                     source: Box::new(e),
                 })?;
-            Ok(Tensor::new(a.shape, a.data)?)
+            Ok(Tensor::from_data(a.shape, a.data)?)
         })
         .collect::<Result<_, ProtoError>>()?;
     Ok(Parameters::new(tensors))

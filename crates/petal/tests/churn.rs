@@ -46,6 +46,8 @@ impl Client for Recording {
         let round = config_f64(&ins.config, "server_round", -1.0)? as i64;
         let bits = ins.parameters.tensors[0]
             .data
+            .as_f32()
+            .unwrap()
             .iter()
             .map(|v| v.to_bits())
             .collect();
@@ -59,7 +61,7 @@ impl Client for Recording {
         if let Some(d) = self.hang_first_fit.take() {
             std::thread::sleep(d);
         }
-        let v = ins.parameters.tensors[0].data[0] + 1.0;
+        let v = ins.parameters.tensors[0].data.as_f32().unwrap()[0] + 1.0;
         Ok(FitRes {
             parameters: Parameters::new(vec![Tensor::new(vec![1], vec![v])?]),
             num_examples: 1,
@@ -68,7 +70,7 @@ impl Client for Recording {
     }
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
         Ok(EvaluateRes {
-            loss: ins.parameters.tensors[0].data[0],
+            loss: ins.parameters.tensors[0].data.as_f32().unwrap()[0],
             num_examples: 1,
             metrics: [("accuracy".to_string(), Scalar::Double(0.5))].into(),
         })
@@ -304,6 +306,8 @@ async fn a_server_killed_after_round_2_resumes_bit_for_bit() {
     assert_eq!(h["status"], "completed");
     let want: Vec<u32> = saved.parameters.tensors[0]
         .data
+        .as_f32()
+        .unwrap()
         .iter()
         .map(|v| v.to_bits())
         .collect();

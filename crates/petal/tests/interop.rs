@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use petal_core::{DType, Tensor, TensorData};
 use support::wait;
 
 use support::flower::{no_proxy, python, skip};
@@ -34,25 +35,49 @@ fn npy_bytes_match_numpy() {
     let a = load("f32.npy");
     assert_eq!(
         (a.shape, a.data),
-        (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])
+        (vec![2, 3], TensorData::F32(vec![0., 1., 2., 3., 4., 5.]))
     );
     let a = load("f64_fortran.npy");
     assert_eq!(
         (a.shape, a.data),
-        (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])
+        (vec![2, 3], TensorData::F64(vec![0., 1., 2., 3., 4., 5.]))
     );
-    assert_eq!(load("i64.npy").data, vec![-3., 0., 7.]);
-    assert_eq!(load("f16.npy").data, vec![0.5, -2.0]);
+    assert_eq!(load("i64.npy").data, TensorData::I64(vec![-3, 0, 7]));
+    assert_eq!(load("f16.npy").data.dtype(), DType::F16);
+    assert_eq!(load("f16.npy").data.to_f64_vec(), vec![0.5, -2.0]);
     let s = load("scalar.npy");
-    assert_eq!((s.shape, s.data), (vec![], vec![4.25]));
-    assert_eq!(load("big_endian.npy").data, vec![1.5, 2.5]);
+    assert_eq!((s.shape, s.data), (vec![], TensorData::F32(vec![4.25])));
+    assert_eq!(load("big_endian.npy").data, TensorData::F32(vec![1.5, 2.5]));
+    assert_eq!(load("u8.npy").data, TensorData::U8(vec![1, 255]));
+    assert_eq!(load("bool.npy").data, TensorData::Bool(vec![true, false]));
+    let f = load("i32_fortran.npy");
+    assert_eq!(
+        (f.shape, f.data),
+        (vec![3, 2], TensorData::I32(vec![0, 1, 2, 3, 4, 5]))
+    );
 
-    let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
-    let ours = dir.path().join("ours.npy");
-    std::fs::write(&ours, petal_proto::npy::encode_f32(&[2, 2, 3], &data)).unwrap();
+    // Every dtype Petal writes loads in NumPy with that dtype.
+    for dtype in DType::ALL {
+        if dtype == DType::BF16 {
+            continue;
+        }
+        let t = Tensor::from_data(
+            vec![2, 3],
+            TensorData::from_f64(dtype, &[1.0, 0.0, 3.0, 1.0, 0.0, 2.0]),
+        )
+        .unwrap();
+        let path = dir.path().join(format!("{}.npy", dtype.numpy_name()));
+        std::fs::write(path, petal_proto::npy::encode(&t)).unwrap();
+    }
+    let scalar = Tensor::from_data(vec![], TensorData::I64(vec![42])).unwrap();
+    std::fs::write(
+        dir.path().join("scalar_i64.npy"),
+        petal_proto::npy::encode(&scalar),
+    )
+    .unwrap();
     let out = Command::new(&py)
         .arg(script("npy_fixtures.py"))
-        .args(["check", ours.to_str().unwrap()])
+        .args(["check", dir.path().to_str().unwrap()])
         .output()
         .unwrap();
     assert!(

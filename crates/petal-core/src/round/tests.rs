@@ -63,7 +63,7 @@ impl ClientProxy for Fake {
             tokio::task::yield_now().await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             let round = config_f64(&ins.config, "server_round", 0.0)? as u64;
-            let v = ins.parameters.tensors[0].data[0];
+            let v = ins.parameters.tensors[0].data.as_f32().unwrap()[0];
             self.seen.lock().unwrap().push((round, v));
             let mut tensors = vec![Tensor::new(vec![1], vec![v + self.offset])?];
             match self.act {
@@ -91,7 +91,7 @@ impl ClientProxy for Fake {
     }
     fn evaluate(&self, ins: EvaluateIns, _: Option<Duration>) -> ProxyFuture<'_, EvaluateRes> {
         Box::pin(async move {
-            let v = ins.parameters.tensors[0].data[0];
+            let v = ins.parameters.tensors[0].data.as_f32().unwrap()[0];
             Ok(EvaluateRes {
                 loss: v,
                 num_examples: self.examples,
@@ -207,7 +207,10 @@ async fn rounds_average_honest_results_and_name_each_failure() {
         "{skip:?}"
     );
     assert_eq!(h.status, RunStatus::Completed);
-    let model = keep.0.lock().unwrap()[0].parameters.tensors[0].data[0];
+    let model = keep.0.lock().unwrap()[0].parameters.tensors[0]
+        .data
+        .as_f32()
+        .unwrap()[0];
     assert_eq!(
         model, 3.25,
         "the global model is FedAvg over the honest two"
@@ -375,7 +378,10 @@ async fn resumed_run_continues_from_the_checkpoint() {
     assert_eq!(resumed.rounds.len(), 4);
     assert_eq!(resumed.rounds[3].loss, full.rounds[3].loss);
     let first = g.clients[0].seen.lock().unwrap()[0];
-    assert_eq!(first, (3, after2.parameters.tensors[0].data[0]));
+    assert_eq!(
+        first,
+        (3, after2.parameters.tensors[0].data.as_f32().unwrap()[0])
+    );
 }
 
 /// A strategy that gives each client its own instruction: here, a learning
@@ -426,7 +432,7 @@ impl Strategy for PerClientLr {
     fn evaluate(&mut self, round: u64, p: &Parameters) -> Option<EvaluateSummary> {
         self.evaluated.push(round);
         Some(EvaluateSummary {
-            loss: Some(p.tensors[0].data[0] as f64),
+            loss: Some(p.tensors[0].data.as_f32().unwrap()[0] as f64),
             metrics: Metrics::new(),
         })
     }

@@ -73,7 +73,7 @@ fn flowers_records_decode() {
     );
     let w = petal_proto::npy::decode(&arrays[0].1.data).unwrap();
     assert_eq!(
-        (w.shape, w.data),
+        (w.shape, w.data.to_f32_vec()),
         (vec![2, 3], vec![0., 1., 2., 3., 4., 5.])
     );
     assert_eq!(arrays[3].1.shape, Vec::<i64>::new());

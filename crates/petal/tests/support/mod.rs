@@ -278,7 +278,7 @@ pub fn round_of(config: &std::collections::HashMap<String, flwr::Scalar>) -> i64
 pub fn decode_params(p: &flwr::Parameters) -> Vec<Vec<f32>> {
     p.tensors
         .iter()
-        .map(|t| npy::decode(t).unwrap().data)
+        .map(|t| npy::decode(t).unwrap().data.to_f32_vec())
         .collect()
 }
 
