@@ -3,6 +3,9 @@
 # (so that CI and later sessions on the same machine reuse them):
 #
 #   tools/venvs.sh flwr     ~/.cache/petal/flwr-venv   flwr==1.41.0
+#   tools/venvs.sh torch    ~/.cache/petal/torch-venv  torch==2.15.0 (CUDA build from
+#                           PyPI, ~2.7 GB; runs on CPU), flwr[simulation]==1.41.0
+#                           (Ray), ml_dtypes
 #
 # $PETAL_CACHE moves them. A venv is created only when its marker file
 # (.installed, holding what was installed) is missing or different.
@@ -32,6 +35,7 @@ make_venv() {
 for what in "$@"; do
   case $what in
     flwr) make_venv flwr flwr==1.41.0 ;;
+    torch) make_venv torch torch==2.15.0 "flwr[simulation]==1.41.0" ml_dtypes ;;
     *) echo "unknown venv '$what'" >&2; exit 2 ;;
   esac
 done

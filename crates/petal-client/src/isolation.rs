@@ -32,6 +32,7 @@ pub struct SubprocessClient {
     args: Vec<String>,
     env: Vec<(String, String)>,
     timeout: Option<Duration>,
+    properties: Config,
 }
 
 fn worker_err(reason: impl Into<String>) -> CoreError {
@@ -47,7 +48,14 @@ impl SubprocessClient {
             args,
             env: Vec::new(),
             timeout: None,
+            properties: Config::new(),
         }
+    }
+
+    /// Answers `get_properties` with `properties` (without a worker).
+    pub fn with_properties(mut self, properties: Config) -> Self {
+        self.properties = properties;
+        self
     }
 
     /// Sets an environment variable of every worker (e.g. its serialized config).
@@ -296,6 +304,10 @@ impl Client for SubprocessClient {
             }
             _ => Err(worker_err("unexpected reply to evaluate")),
         }
+    }
+
+    fn get_properties(&mut self, _config: &Config) -> Result<Config, CoreError> {
+        Ok(self.properties.clone())
     }
 }
 

@@ -399,10 +399,19 @@ impl Kind {
 pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
     Some(match msg {
         sm::Msg::ReconnectIns(_) => return None,
-        sm::Msg::GetPropertiesIns(_) => cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
-            status: wire::ok_status(),
-            properties: Default::default(),
-        }),
+        sm::Msg::GetPropertiesIns(ins) => {
+            let config = wire::config_from_proto(&ins.config);
+            match client.get_properties(&config) {
+                Ok(p) => cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
+                    status: wire::ok_status(),
+                    properties: wire::config_to_proto(&p),
+                }),
+                Err(e) => {
+                    tracing::error!("get_properties failed: {e}");
+                    Kind::Properties.failure(e.to_string())
+                }
+            }
+        }
         sm::Msg::GetParametersIns(ins) => {
             let config = wire::config_from_proto(&ins.config);
             match client.get_parameters(&config) {

@@ -13,6 +13,36 @@ pub trait Client: Send {
     fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError>;
     /// Evaluates the given parameters on local test data.
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError>;
+    /// Properties the client reports (Flower's `get_properties`); Petal
+    /// clients give their model's tensor names under
+    /// [`PARAMETER_NAMES_PROPERTY`] when they know them.
+    fn get_properties(&mut self, _config: &Config) -> Result<Config, CoreError> {
+        Ok(Config::new())
+    }
+}
+
+/// The property holding a client's tensor names, as a JSON list of strings.
+pub const PARAMETER_NAMES_PROPERTY: &str = "petal.parameter_names";
+
+/// `names` as the value of [`PARAMETER_NAMES_PROPERTY`] (empty: no properties).
+pub fn names_property(names: &[String]) -> Config {
+    if names.is_empty() {
+        return Config::new();
+    }
+    let json = serde_json::to_string(names).unwrap_or_default();
+    [(
+        PARAMETER_NAMES_PROPERTY.to_string(),
+        crate::Scalar::Str(json),
+    )]
+    .into()
+}
+
+/// The tensor names in `properties`, if a Petal client gave them.
+pub fn names_from_properties(properties: &Config) -> Option<Vec<String>> {
+    match properties.get(PARAMETER_NAMES_PROPERTY)? {
+        crate::Scalar::Str(s) => serde_json::from_str(s).ok(),
+        _ => None,
+    }
 }
 
 impl<C: Client + ?Sized> Client for Box<C> {
@@ -24,5 +54,8 @@ impl<C: Client + ?Sized> Client for Box<C> {
     }
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
         (**self).evaluate(ins)
+    }
+    fn get_properties(&mut self, config: &Config) -> Result<Config, CoreError> {
+        (**self).get_properties(config)
     }
 }

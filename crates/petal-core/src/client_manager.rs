@@ -42,6 +42,15 @@ pub trait ClientProxy: Send + Sync {
     -> ProxyFuture<'_, EvaluateRes>;
     /// Tells the client the run is over.
     fn disconnect(&self, timeout: Option<Duration>) -> ProxyFuture<'_, ()>;
+    /// Asks the client for its properties (Flower's `get_properties`);
+    /// transports without it answer none.
+    fn get_properties(
+        &self,
+        _config: Config,
+        _timeout: Option<Duration>,
+    ) -> ProxyFuture<'_, Config> {
+        Box::pin(async { Ok(Config::new()) })
+    }
 }
 
 /// The set of clients a run can use (Flower's `ClientManager`). The gRPC

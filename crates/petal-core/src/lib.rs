@@ -22,7 +22,7 @@ pub mod types;
 pub mod utc;
 
 pub use checkpoint::Checkpoint;
-pub use client::Client;
+pub use client::{Client, PARAMETER_NAMES_PROPERTY, names_from_properties, names_property};
 pub use client_manager::{BoxFuture, ClientManager, ClientProxy, ProxyFuture, Registry};
 pub use history::{Failure, History, RoundRecord, RunStatus};
 pub use round::{Resume, RoundObserver, RunConfig, run_federation};

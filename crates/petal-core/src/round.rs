@@ -121,21 +121,22 @@ pub async fn run_federation(
     observer: &dyn RoundObserver,
 ) -> Result<History, CoreError> {
     let start = Instant::now();
-    let (mut history, mut parameters, first_round, seed) = match resume {
+    let (mut history, mut parameters, first_round, seed, names) = match resume {
         Some(r) => {
             let c = r.checkpoint;
             strategy.restore_state(c.strategy_state)?;
             tracing::info!("resuming after round {}", c.round);
-            (r.history, c.parameters, c.round + 1, c.sample_seed)
+            (r.history, c.parameters, c.round + 1, c.sample_seed, c.names)
         }
         None => {
-            let p = initial_parameters(manager, strategy, config).await?;
+            let (p, from) = initial_parameters(manager, strategy, config).await?;
+            let names = parameter_names(manager, config, &p, from).await;
             let mut h = History::new();
             h.initial_centralized = strategy.evaluate(0, &p).map(|mut e| {
                 e.finite_only();
                 e
             });
-            (h, Arc::new(p), 1, config.sample_seed)
+            (h, Arc::new(p), 1, config.sample_seed, names)
         }
     };
     tracing::info!(
@@ -144,7 +145,7 @@ pub async fn run_federation(
         "global model ready"
     );
     let elapsed_before = history.rounds.last().map_or(0.0, |r| r.elapsed_seconds);
-    let names = tensor_names(config.parameter_names.as_deref(), parameters.tensors.len());
+    let names = tensor_names(Some(&names), parameters.tensors.len());
     let mut skipped_in_a_row = 0u64;
     for round in first_round..=config.num_rounds {
         let round_start = Instant::now();
@@ -514,12 +515,12 @@ async fn initial_parameters(
     manager: &dyn ClientManager,
     strategy: &mut dyn Strategy,
     config: &RunConfig,
-) -> Result<Parameters, CoreError> {
+) -> Result<(Parameters, Option<NodeId>), CoreError> {
     if let Some(p) = strategy.initialize_parameters() {
         p.check_like(&p)
             .map_err(|e| CoreError::NoInitialParameters(format!("from the strategy: {e}")))?;
         tracing::info!("using initial parameters provided by the strategy");
-        return Ok(p);
+        return Ok((p, None));
     }
     let mut rng = step_rng(config.sample_seed, 0, 0);
     let mut tried: BTreeSet<NodeId> = BTreeSet::new();
@@ -578,7 +579,7 @@ async fn initial_parameters(
             Ok(p) => {
                 tracing::info!("initial parameters from {node}");
                 asking.detach_all();
-                return Ok(p);
+                return Ok((p, Some(node)));
             }
             Err(why) => {
                 tracing::warn!("{node}: get_parameters failed: {why}");
@@ -586,6 +587,38 @@ async fn initial_parameters(
             }
         }
     }
+}
+
+/// The names of the model's tensors: the parameters' own, else those the
+/// client that gave them reports (Petal clients do, over any transport),
+/// else the configured ones; empty when none fits.
+async fn parameter_names(
+    manager: &dyn ClientManager,
+    config: &RunConfig,
+    p: &Parameters,
+    from: Option<NodeId>,
+) -> Vec<String> {
+    let fits = |n: &[String]| n.len() == p.tensors.len();
+    if fits(&p.names) {
+        return p.names.clone();
+    }
+    if let Some(client) = from.and_then(|n| manager.get(n)) {
+        let timeout = config.call_timeout.map(|t| t.min(Duration::from_secs(30)));
+        let asked = client.get_properties(Config::new(), timeout).await;
+        if let Some(names) = asked
+            .ok()
+            .as_ref()
+            .and_then(crate::client::names_from_properties)
+            .filter(|n| fits(n))
+        {
+            return names;
+        }
+    }
+    config
+        .parameter_names
+        .clone()
+        .filter(|n| fits(n))
+        .unwrap_or_default()
 }
 
 /// Longest failure reason kept (a reason may quote what a client sent).

@@ -70,16 +70,29 @@ pub fn config_f64(config: &Config, key: &str, default: f64) -> Result<f64, CoreE
 #[derive(Default)]
 pub struct Parameters {
     pub tensors: Vec<Tensor>,
+    /// One name per tensor (PyTorch `state_dict` keys) when the learner
+    /// gave them; empty otherwise.
+    pub names: Vec<String>,
     encoded: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Parameters {
-    /// Parameters holding `tensors`.
+    /// Parameters holding `tensors`, unnamed.
     pub fn new(tensors: Vec<Tensor>) -> Self {
         Parameters {
             tensors,
+            names: Vec::new(),
             encoded: OnceLock::new(),
         }
+    }
+
+    /// These parameters with a name per tensor (ignored unless there is
+    /// exactly one per tensor).
+    pub fn with_names(mut self, names: Vec<String>) -> Self {
+        if names.len() == self.tensors.len() {
+            self.names = names;
+        }
+        self
     }
 
     /// Total number of scalar values.
@@ -159,13 +172,13 @@ impl Parameters {
                 _ => t,
             })
             .collect();
-        Parameters::new(tensors)
+        Parameters::new(tensors).with_names(self.names)
     }
 }
 
 impl Clone for Parameters {
     fn clone(&self) -> Self {
-        Parameters::new(self.tensors.clone())
+        Parameters::new(self.tensors.clone()).with_names(self.names.clone())
     }
 }
 
@@ -179,6 +192,7 @@ impl std::fmt::Debug for Parameters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parameters")
             .field("tensors", &self.tensors)
+            .field("names", &self.names)
             .finish()
     }
 }

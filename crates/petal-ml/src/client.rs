@@ -48,16 +48,26 @@ impl<L: Learner> Client for LearnerClient<L> {
     fn evaluate(&mut self, ins: EvaluateIns) -> Result<EvaluateRes, CoreError> {
         evaluate_with(&mut self.learner, &self.data.test, &self.defaults, &ins).map_err(err)
     }
+
+    fn get_properties(&mut self, _config: &Config) -> Result<Config, CoreError> {
+        let names: Vec<String> = self
+            .learner
+            .get_weights()
+            .map_err(err)?
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        Ok(petal_core::names_property(&names))
+    }
 }
 
 fn parameters_of(learner: &dyn Learner) -> Result<Parameters, MlError> {
-    Ok(Parameters::new(
-        learner
-            .get_weights()?
-            .into_iter()
-            .map(|n| n.tensor)
-            .collect(),
-    ))
+    let (names, tensors): (Vec<String>, Vec<Tensor>) = learner
+        .get_weights()?
+        .into_iter()
+        .map(|n| (n.name, n.tensor))
+        .unzip();
+    Ok(Parameters::new(tensors).with_names(names))
 }
 
 fn fit_with(
@@ -195,6 +205,11 @@ impl Client for PooledClient {
         self.pool
             .with(|l| evaluate_with(l, &test, defaults, &ins))
             .map_err(err)
+    }
+
+    fn get_properties(&mut self, _config: &Config) -> Result<Config, CoreError> {
+        let p = self.pool.initial().map_err(err)?;
+        Ok(petal_core::names_property(&p.names))
     }
 }
 

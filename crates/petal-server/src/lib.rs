@@ -622,6 +622,28 @@ impl ClientProxy for GrpcClientProxy {
         })
     }
 
+    fn get_properties(&self, config: Config, timeout: Option<Duration>) -> ProxyFuture<'_, Config> {
+        Box::pin(async move {
+            let ins = sm::GetPropertiesIns {
+                config: wire::config_to_proto(&config),
+            };
+            let frame = frames::server_message_frame(sm::Msg::GetPropertiesIns(ins));
+            let expect = Expect {
+                bytes: REPLY_SLACK,
+                tensors: 0,
+            };
+            match self.call(frame, timeout, expect).await? {
+                cm::Msg::GetPropertiesRes(res) => {
+                    if let Some(e) = wire::status_error(&res.status) {
+                        return Err(self.error(e));
+                    }
+                    Ok(wire::config_from_proto(&res.properties))
+                }
+                other => Err(self.unexpected(&other, "get_properties_res").await),
+            }
+        })
+    }
+
     fn disconnect(&self, timeout: Option<Duration>) -> ProxyFuture<'_, ()> {
         Box::pin(async move {
             let frame = frames::server_message_frame(sm::Msg::ReconnectIns(sm::ReconnectIns {

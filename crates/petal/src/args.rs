@@ -49,6 +49,23 @@ pub fn parse_shape(s: &str) -> Result<[usize; 3], String> {
         .map_err(|_| format!("'{s}' needs three dimensions, like 3x32x32"))
 }
 
+fn default_learner() -> String {
+    "cnn".into()
+}
+
+fn default_python() -> PathBuf {
+    "python3".into()
+}
+
+fn parse_learner(s: &str) -> Result<String, String> {
+    if s == "cnn" {
+        return Ok(s.into());
+    }
+    petal_python::PythonSpec::parse(s, "python3")
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e} (expected cnn or python:FILE:NAME)"))
+}
+
 fn parse_device(s: &str) -> Result<String, String> {
     s.parse::<Backend>()?;
     Ok(s.to_string())
@@ -137,6 +154,18 @@ impl TrainArgs {
 /// Which partition of the data a client holds, and the model it trains.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct LearnerArgs {
+    /// What trains: `cnn` (the example's CNN on Petal's engine or burn, see
+    /// --device) or `python:FILE:NAME` (your Python code: NAME in FILE,
+    /// called with partition_id and num_partitions, returns an object with
+    /// Flower NumPyClient's get_parameters, fit and evaluate; it loads its
+    /// own data, so the data flags do not apply).
+    #[arg(long, default_value = "cnn", value_parser = parse_learner)]
+    #[serde(default = "default_learner")]
+    pub learner: String,
+    /// Python interpreter of a python: learner (needs NumPy).
+    #[arg(long, default_value = "python3")]
+    #[serde(default = "default_python")]
+    pub python: PathBuf,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -204,6 +233,11 @@ pub fn seed_cnn_values(shape: [usize; 3], classes: usize) -> Option<usize> {
 }
 
 impl LearnerArgs {
+    /// The Python learner, when `--learner python:FILE:NAME`.
+    pub fn python_spec(&self) -> Option<petal_python::PythonSpec> {
+        petal_python::PythonSpec::parse(&self.learner, self.python.clone()).ok()
+    }
+
     /// Refuses settings that cannot work or would exhaust memory, before
     /// anything starts, naming the flag and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -223,6 +257,15 @@ impl LearnerArgs {
             self.partition_id,
             self.num_partitions
         );
+        if let Some(spec) = self.python_spec() {
+            anyhow::ensure!(
+                spec.file.is_file(),
+                "--learner {}: {} is not a file",
+                self.learner,
+                spec.file.display()
+            );
+            return Ok(());
+        }
         if self.data.dataset == "synthetic" {
             let [c, h, w] = self.data.synthetic_shape;
             anyhow::ensure!(

@@ -189,7 +189,7 @@ async fn federate(
         in_flight_bytes: (fed.round.in_flight_memory_mb > 0)
             .then(|| fed.round.in_flight_memory_mb.saturating_mul(1 << 20)),
         sample_seed: fed.round.sample_seed,
-        parameter_names: Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect()),
+        parameter_names: None,
     };
     tracing::info!(
         "FedAvg for {} rounds: {} clients trained per round, {} must be connected; results in {}",
@@ -365,6 +365,7 @@ pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
             ids,
             args.isolation,
             args.worker_timeout,
+            slots,
             cache.path(),
         )
     })?;
@@ -407,8 +408,36 @@ fn build_clients(
     ids: std::ops::Range<usize>,
     isolation: Isolation,
     worker_timeout: Option<f64>,
+    slots: usize,
     cache: &Path,
 ) -> anyhow::Result<Vec<Box<dyn petal_core::Client>>> {
+    if let Some(python) = learner.python_spec() {
+        let mode = match isolation {
+            Isolation::Subprocess => petal_python::Mode::Fork,
+            Isolation::None => petal_python::Mode::Inline,
+        };
+        let processes = slots.min(ids.len()).max(1);
+        let timeout = secs(worker_timeout, false)?;
+        let mut pool = petal_python::WorkerPool::new(python, mode, processes, timeout);
+        // The learner's threads, as for the native engine (unless set).
+        for var in ["OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                pool = pool.with_env(var, learner.threads().to_string());
+            }
+        }
+        let pool = Arc::new(pool);
+        // Import the learner now: a learner that cannot load fails here.
+        pool.start(ids.start).map_err(|e| anyhow::anyhow!(e))?;
+        return Ok(ids
+            .map(|id| {
+                Box::new(petal_python::PythonClient::new(
+                    pool.clone(),
+                    id,
+                    learner.num_partitions,
+                )) as Box<dyn petal_core::Client>
+            })
+            .collect());
+    }
     let spec = learner.data.spec()?;
     let sizes = spec.check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
     let backend = learner.device()?;
@@ -453,8 +482,11 @@ fn build_clients(
                     let file = cache.join(format!("partition-{id}.bin"));
                     l.partition_cache = file.is_file().then_some(file);
                     let worker_args = vec!["worker".into(), "--learner-config".into(), l.to_json()];
-                    Box::new(SubprocessClient::new(exe.clone(), worker_args).with_timeout(timeout))
-                        as Box<dyn petal_core::Client>
+                    Box::new(
+                        SubprocessClient::new(exe.clone(), worker_args)
+                            .with_timeout(timeout)
+                            .with_properties(petal_core::names_property(&cnn_names())),
+                    ) as Box<dyn petal_core::Client>
                 })
                 .collect())
         }
@@ -490,6 +522,11 @@ fn build_clients(
                 .collect())
         }
     }
+}
+
+/// The seed CNN's tensor names.
+fn cnn_names() -> Vec<String> {
+    CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect()
 }
 
 /// `petal worker`: one instruction on stdin, one reply on stdout.
@@ -531,10 +568,12 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut check = args.learner.clone();
     check.num_partitions = args.clients;
     check.validate()?;
-    args.learner
-        .data
-        .spec()?
-        .check(args.learner.data.data_dir.as_deref(), args.clients)?;
+    if args.learner.python_spec().is_none() {
+        args.learner
+            .data
+            .spec()?
+            .check(args.learner.data.data_dir.as_deref(), args.clients)?;
+    }
 
     let mut round = args.round.clone();
     // Each call in flight to an isolated client is a worker process: keep
@@ -750,6 +789,7 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     opts.heartbeat_interval = Duration::from_secs_f64(args.heartbeat_interval);
     opts.poll_interval = secs(Some(args.poll_interval), false)?.unwrap_or(Duration::from_secs(1));
     opts.max_attempts = args.connect_attempts;
+    let python = learner.python_spec().is_some();
     opts.parameter_names = Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect());
     opts.max_message_bytes = max_message_bytes;
     let cache = tempfile::Builder::new()
@@ -768,7 +808,27 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     });
     let k = ids.len();
     let work = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let clients = build_clients(&learner, ids.clone(), isolation, timeout, cache.path())?;
+        let mut clients = build_clients(
+            &learner,
+            ids.clone(),
+            isolation,
+            timeout,
+            slots,
+            cache.path(),
+        )?;
+        let mut opts = opts;
+        if python {
+            // The learner's own names order the arrays of each message.
+            let mut first = clients
+                .into_iter()
+                .collect::<std::collections::VecDeque<_>>();
+            let names = match first.front_mut() {
+                Some(c) => c.get_parameters(&Config::new())?.names,
+                None => Vec::new(),
+            };
+            opts.parameter_names = (!names.is_empty()).then_some(names);
+            clients = first.into_iter().collect();
+        }
         let slots = Arc::new(Slots::new(slots));
         std::thread::scope(|scope| {
             let mut running = Vec::with_capacity(clients.len());

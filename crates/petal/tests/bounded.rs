@@ -52,7 +52,7 @@ async fn honest(mut c: RawClient, offset: f32, examples: i64, metrics: Vec<(Stri
                 c.send(disconnect_res()).await;
                 return;
             }
-            sm::Msg::GetPropertiesIns(_) => {}
+            sm::Msg::GetPropertiesIns(_) => c.send(properties_res()).await,
         }
     }
 }
@@ -68,7 +68,7 @@ async fn replies_to_fit_with(mut c: RawClient, reply: Bytes) {
                 c.send(disconnect_res()).await;
                 return;
             }
-            sm::Msg::GetPropertiesIns(_) => {}
+            sm::Msg::GetPropertiesIns(_) => c.send(properties_res()).await,
         }
     }
 }

@@ -115,7 +115,7 @@ async fn raw_client(mut c: RawClient, leave_after_fit: bool) -> bool {
                 c.send(disconnect_res()).await;
                 break;
             }
-            sm::Msg::GetPropertiesIns(_) => {}
+            sm::Msg::GetPropertiesIns(_) => c.send(properties_res()).await,
         }
     }
     trained

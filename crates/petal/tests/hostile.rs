@@ -114,7 +114,7 @@ async fn play(mut c: RawClient, answer: Answer) {
                 c.send(disconnect_res()).await;
                 return;
             }
-            sm::Msg::GetPropertiesIns(_) => {}
+            sm::Msg::GetPropertiesIns(_) => c.send(properties_res()).await,
         }
     }
 }

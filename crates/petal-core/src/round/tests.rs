@@ -285,7 +285,7 @@ async fn initial_parameters_come_from_the_first_usable_client() {
         (1.0, 1, Act::NanInit),
         (1.0, 1, Act::Honest),
     ]);
-    let p = initial_parameters(&*f.registry, &mut fedavg(1, 1), &config(1))
+    let (p, _) = initial_parameters(&*f.registry, &mut fedavg(1, 1), &config(1))
         .await
         .unwrap();
     assert_eq!(p.tensors[0].data, vec![0.0]);
@@ -316,7 +316,8 @@ async fn silent_clients_do_not_delay_the_initial_model() {
         )
         .await
         .expect("the honest client's answer is used at once")
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(got.tensors[0].data, vec![0.0]);
     }
 }

@@ -92,3 +92,31 @@ pub fn no_proxy(mut c: Command) -> Command {
     c.env("no_proxy", "127.0.0.1,localhost");
     c
 }
+
+/// A Python with `torch==2.15.0` (and flwr), from `tools/venvs.sh torch`
+/// (created when missing, under the script's lock), or `None` when
+/// `PETAL_SKIP_TORCH` is set (refused under CI).
+pub fn torch_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PETAL_TORCH_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let skip = std::env::var_os("PETAL_SKIP_TORCH").is_some();
+    if !super::require("the torch venv (PETAL_SKIP_TORCH is set)", !skip) {
+        return None;
+    }
+    let py = cache_dir().join("torch-venv/bin/python");
+    let marker = cache_dir().join("torch-venv/.installed");
+    if !marker.exists() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/venvs.sh");
+        let ok = Command::new("bash")
+            .arg(script)
+            .arg("torch")
+            .status()
+            .expect("bash runs");
+        assert!(
+            ok.success(),
+            "tools/venvs.sh torch failed (set PETAL_SKIP_TORCH=1 without PyPI)"
+        );
+    }
+    Some(py)
+}

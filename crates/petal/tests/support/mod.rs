@@ -358,3 +358,11 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// An OK `get_properties` reply with no properties.
+pub fn properties_res() -> cm::Msg {
+    cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
+        status: petal_proto::serde::ok_status(),
+        properties: Default::default(),
+    })
+}
