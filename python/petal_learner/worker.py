@@ -220,9 +220,11 @@ def load_factory(path, name):
 
 
 def run_request(learner, header, body):
-    """The reply (header, chunks) to one request, from the learner."""
+    """The reply (header, chunks) to one request, from the learner; its
+    `learner_ms` is the time spent in the learner's method."""
     op, config = header["op"], from_config(header.get("config", {}))
     reply = {"id": header["id"], "ok": True}
+    start = time.perf_counter()
     if op == "get_parameters":
         metas, chunks = pack_parameters(learner.get_parameters(config))
     elif op == "fit":
@@ -245,6 +247,7 @@ def run_request(learner, header, body):
     else:
         raise ValueError(f"unknown request '{op}'")
     reply["tensors"] = metas
+    reply["learner_ms"] = (time.perf_counter() - start) * 1000
     return reply, chunks
 
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use crate::strategy::StrategyState;
 use crate::types::{CoreError, DType, Parameters, Tensor, TensorData, shape_len};
 
 /// A checkpoint file larger than this header is refused (safetensors' own limit).
@@ -22,6 +23,8 @@ const MAX_HEADER: u64 = 100_000_000;
 const META: &str = "__metadata__";
 /// The format this version writes (with a CRC-32).
 const FORMAT: &str = "petal-checkpoint-2";
+/// The format of a strategy's tensor state.
+const STATE_FORMAT: &str = "petal-strategy-state-1";
 
 /// The state after a round.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,13 +35,25 @@ pub struct Checkpoint {
     pub parameters: Arc<Parameters>,
     /// One name per tensor (e.g. `conv1.weight`).
     pub names: Vec<String>,
-    /// What [`Strategy::state`](crate::Strategy::state) returned.
-    pub strategy_state: Value,
+    /// What [`Strategy::state`](crate::Strategy::state) returned. Its
+    /// tensors (momentum, moments) go to a file of their own beside the
+    /// checkpoint ([`Checkpoint::state_file`]), so the checkpoint itself
+    /// loads into PyTorch with `load_state_dict(strict=True)`.
+    pub strategy_state: StrategyState,
     /// Seed of client sampling (the sampler derives each round's generator from it).
     pub sample_seed: u64,
     /// [`history_digest`] of the history up to `round`; `None` in
     /// checkpoints written before it was recorded.
     pub history_crc32: Option<u32>,
+}
+
+/// A checkpoint as read from its file: the strategy's tensors still in
+/// the file [`PendingCheckpoint::state_file`] names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// The strategy-state file and its CRC-32, when the strategy had tensors.
+    pub state_file: Option<(String, u32)>,
 }
 
 /// A digest of the recorded rounds `1..=round` of `history` (and the
@@ -77,115 +92,164 @@ fn bad(reason: impl Into<String>) -> CoreError {
     CoreError::Invalid(format!("invalid checkpoint: {}", reason.into()))
 }
 
+/// A safetensors file of `tensors` (each in its dtype, little-endian, in
+/// order) with `meta` and a CRC-32 over the rest in its metadata.
+fn encode(tensors: &[(&str, &Tensor)], mut meta: serde_json::Map<String, Value>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let end = offset + t.num_bytes();
+        header.insert(
+            name.to_string(),
+            json!({
+                "dtype": t.dtype().safetensors_name(),
+                "shape": t.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    meta.remove("crc32");
+    header.insert(META.into(), Value::Object(meta));
+    let mut data = Vec::with_capacity(offset);
+    for (_, t) in tensors {
+        t.data.write_le(&mut data);
+    }
+    let crc = checksum(&header, &data);
+    if let Some(m) = header.get_mut(META).and_then(Value::as_object_mut) {
+        m.insert("crc32".into(), Value::String(format!("{crc:08x}")));
+    }
+    let mut text = Value::Object(header).to_string();
+    // Pad so the data starts 8-byte aligned, as the format recommends.
+    text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
+    let mut out = Vec::with_capacity(8 + text.len() + data.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Named tensors in file order, and the metadata.
+type Decoded = (Vec<(String, Tensor)>, BTreeMap<String, String>);
+
+/// Reads a file written by [`encode`] (or a checkpoint of format 1, which
+/// had no checksum): its tensors in file order and its metadata. Every
+/// length and offset is checked: a corrupt file is an error, never a panic.
+fn decode(bytes: &[u8], formats: &[&str]) -> Result<Decoded, CoreError> {
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER {
+        return Err(bad(format!("header of {header_len} bytes is too large")));
+    }
+    let header_end = 8usize
+        .checked_add(header_len as usize)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("header runs past the end of the file"))?;
+    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..header_end])
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let data = &bytes[header_end..];
+    let format = header
+        .get(META)
+        .and_then(|m| m.get("format"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let stored = header
+        .get_mut(META)
+        .and_then(Value::as_object_mut)
+        .and_then(|m| m.remove("crc32"));
+    match (format.as_str(), stored) {
+        // Written before checksums were recorded.
+        ("petal-checkpoint-1", None) if formats.contains(&FORMAT) => {}
+        (f, Some(Value::String(crc))) if formats.contains(&f) => {
+            let want = u32::from_str_radix(&crc, 16)
+                .map_err(|_| bad(format!("crc32 '{crc}' is not a hexadecimal number")))?;
+            let got = checksum(&header, data);
+            if got != want {
+                return Err(bad(format!(
+                    "the file is damaged: its CRC-32 is {got:08x}, the header says {want:08x}"
+                )));
+            }
+        }
+        (f, _) if formats.contains(&f) => return Err(bad("no crc32 in the metadata")),
+        (other, _) => return Err(bad(format!("unknown format '{other}'"))),
+    }
+    let mut meta: BTreeMap<String, String> = BTreeMap::new();
+    let mut entries = Vec::new();
+    for (name, v) in header {
+        if name == META {
+            meta = serde_json::from_value(v)
+                .map_err(|e| bad(format!("metadata is not a map of strings: {e}")))?;
+            continue;
+        }
+        entries.push(parse_entry(&name, &v, data)?);
+    }
+    entries.sort_by_key(|e| e.1);
+    Ok((entries.into_iter().map(|(n, _, t)| (n, t)).collect(), meta))
+}
+
 impl Checkpoint {
-    /// The checkpoint as safetensors bytes (each tensor in its dtype,
-    /// little-endian, in order).
-    pub fn to_safetensors(&self) -> Vec<u8> {
-        let names = tensor_names(Some(&self.names), self.parameters.tensors.len());
-        let mut header = serde_json::Map::new();
-        let mut offset = 0usize;
-        for (name, t) in names.iter().zip(&self.parameters.tensors) {
-            let end = offset + t.num_bytes();
-            header.insert(
-                name.clone(),
-                json!({
-                    "dtype": t.dtype().safetensors_name(),
-                    "shape": t.shape,
-                    "data_offsets": [offset, end],
-                }),
-            );
-            offset = end;
-        }
-        let mut meta = json!({
-            "format": FORMAT,
-            "round": self.round.to_string(),
-            "sample_seed": self.sample_seed.to_string(),
-            "strategy_state": self.strategy_state.to_string(),
-        });
-        if let (Some(crc), Some(m)) = (self.history_crc32, meta.as_object_mut()) {
-            m.insert("history_crc32".into(), Value::String(format!("{crc:08x}")));
-        }
-        header.insert(META.into(), meta);
-        let mut data = Vec::with_capacity(offset);
-        for t in &self.parameters.tensors {
-            t.data.write_le(&mut data);
-        }
-        let crc = checksum(&header, &data);
-        if let Some(m) = header.get_mut(META).and_then(Value::as_object_mut) {
-            m.insert("crc32".into(), Value::String(format!("{crc:08x}")));
-        }
-        let mut text = Value::Object(header).to_string();
-        // Pad so the data starts 8-byte aligned, as the format recommends.
-        text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
-        let mut out = Vec::with_capacity(8 + text.len() + data.len());
-        out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-        out.extend_from_slice(text.as_bytes());
-        out.extend_from_slice(&data);
-        out
+    /// The file name of this checkpoint's strategy-state tensors.
+    pub fn state_file_name(round: u64) -> String {
+        format!("strategy-state-{round}.safetensors")
     }
 
-    /// Reads a checkpoint written by [`Checkpoint::to_safetensors`]. Every
-    /// length and offset is checked: a corrupt file is an error, never a panic.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Checkpoint, CoreError> {
-        let len_bytes: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| bad("shorter than 8 bytes"))?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER {
-            return Err(bad(format!("header of {header_len} bytes is too large")));
+    /// The strategy's tensors as their own file (name and bytes), when it has any.
+    pub fn state_file(&self) -> Option<(String, Vec<u8>)> {
+        if self.strategy_state.tensors.is_empty() {
+            return None;
         }
-        let header_end = 8usize
-            .checked_add(header_len as usize)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| bad("header runs past the end of the file"))?;
-        let mut header: serde_json::Map<String, Value> =
-            serde_json::from_slice(&bytes[8..header_end])
-                .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-        let data = &bytes[header_end..];
-        let format = header
-            .get(META)
-            .and_then(|m| m.get("format"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let stored = header
-            .get_mut(META)
-            .and_then(Value::as_object_mut)
-            .and_then(|m| m.remove("crc32"));
-        match (format.as_str(), stored) {
-            // Written before checksums were recorded.
-            ("petal-checkpoint-1", None) => {}
-            (FORMAT, Some(Value::String(crc))) => {
-                let want = u32::from_str_radix(&crc, 16)
-                    .map_err(|_| bad(format!("crc32 '{crc}' is not a hexadecimal number")))?;
-                let got = checksum(&header, data);
-                if got != want {
-                    return Err(bad(format!(
-                        "the file is damaged: its CRC-32 is {got:08x}, the header says {want:08x}"
-                    )));
-                }
-            }
-            (FORMAT, _) => return Err(bad("no crc32 in the metadata")),
-            (other, _) => return Err(bad(format!("unknown format '{other}'"))),
+        let tensors: Vec<(&str, &Tensor)> = self
+            .strategy_state
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect();
+        let mut meta = serde_json::Map::new();
+        meta.insert("format".into(), Value::String(STATE_FORMAT.into()));
+        meta.insert("round".into(), Value::String(self.round.to_string()));
+        Some((Self::state_file_name(self.round), encode(&tensors, meta)))
+    }
+
+    /// The checkpoint as safetensors bytes (each tensor in its dtype,
+    /// little-endian, in order); `state_file` is the strategy-state file's
+    /// name and CRC-32 when there is one.
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let names = tensor_names(Some(&self.names), self.parameters.tensors.len());
+        let tensors: Vec<(&str, &Tensor)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(&self.parameters.tensors)
+            .collect();
+        let mut meta = serde_json::Map::new();
+        let mut put = |k: &str, v: String| {
+            meta.insert(k.into(), Value::String(v));
+        };
+        put("format", FORMAT.into());
+        put("round", self.round.to_string());
+        put("sample_seed", self.sample_seed.to_string());
+        put("strategy_state", self.strategy_state.json.to_string());
+        if let Some(crc) = self.history_crc32 {
+            put("history_crc32", format!("{crc:08x}"));
         }
-        let mut meta: BTreeMap<String, String> = BTreeMap::new();
-        let mut entries = Vec::new();
-        for (name, v) in header {
-            if name == META {
-                meta = serde_json::from_value(v)
-                    .map_err(|e| bad(format!("metadata is not a map of strings: {e}")))?;
-                continue;
-            }
-            entries.push(parse_entry(&name, &v, data)?);
+        if let Some((name, bytes)) = self.state_file() {
+            put("strategy_state_file", name);
+            put(
+                "strategy_state_crc32",
+                format!("{:08x}", crc32fast::hash(&bytes)),
+            );
         }
-        entries.sort_by_key(|e| e.1);
-        let mut names = Vec::with_capacity(entries.len());
-        let mut tensors = Vec::with_capacity(entries.len());
-        for (name, _, tensor) in entries {
-            names.push(name);
-            tensors.push(tensor);
-        }
+        encode(&tensors, meta)
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::to_safetensors`]; the
+    /// strategy's tensors stay in their file until [`PendingCheckpoint::load_state`].
+    pub fn from_safetensors(bytes: &[u8]) -> Result<PendingCheckpoint, CoreError> {
+        let (entries, meta) = decode(bytes, &[FORMAT])?;
+        let (names, tensors): (Vec<String>, Vec<Tensor>) = entries.into_iter().unzip();
         let field = |key: &str| {
             meta.get(key)
                 .ok_or_else(|| bad(format!("no '{key}' in metadata")))
@@ -195,23 +259,65 @@ impl Checkpoint {
                 .parse()
                 .map_err(|_| bad(format!("'{key}' is not a number")))
         };
-        let strategy_state = serde_json::from_str(field("strategy_state")?)
-            .map_err(|e| bad(format!("strategy_state is not JSON: {e}")))?;
-        let history_crc32 = match meta.get("history_crc32") {
-            None => None,
-            Some(h) => Some(
-                u32::from_str_radix(h, 16)
-                    .map_err(|_| bad(format!("history_crc32 '{h}' is not hexadecimal")))?,
-            ),
+        let hex = |key: &str| -> Result<Option<u32>, CoreError> {
+            match meta.get(key) {
+                None => Ok(None),
+                Some(h) => u32::from_str_radix(h, 16)
+                    .map(Some)
+                    .map_err(|_| bad(format!("{key} '{h}' is not hexadecimal"))),
+            }
         };
-        Ok(Checkpoint {
-            round: number("round")?,
-            parameters: Arc::new(Parameters::new(tensors)),
-            names,
-            strategy_state,
-            sample_seed: number("sample_seed")?,
-            history_crc32,
+        let json = serde_json::from_str(field("strategy_state")?)
+            .map_err(|e| bad(format!("strategy_state is not JSON: {e}")))?;
+        let state_file = match (
+            meta.get("strategy_state_file"),
+            hex("strategy_state_crc32")?,
+        ) {
+            (Some(name), Some(crc)) => {
+                if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+                    return Err(bad(format!(
+                        "strategy_state_file '{name}' is not a file name"
+                    )));
+                }
+                Some((name.clone(), crc))
+            }
+            (None, None) => None,
+            _ => return Err(bad("strategy_state_file without its crc32")),
+        };
+        Ok(PendingCheckpoint {
+            checkpoint: Checkpoint {
+                round: number("round")?,
+                parameters: Arc::new(Parameters::new(tensors)),
+                names,
+                strategy_state: StrategyState {
+                    json,
+                    tensors: Vec::new(),
+                },
+                sample_seed: number("sample_seed")?,
+                history_crc32: hex("history_crc32")?,
+            },
+            state_file,
         })
+    }
+}
+
+impl PendingCheckpoint {
+    /// The checkpoint with its strategy-state tensors read from `bytes`
+    /// (the content of [`PendingCheckpoint::state_file`]).
+    pub fn load_state(mut self, bytes: &[u8]) -> Result<Checkpoint, CoreError> {
+        let Some((name, crc)) = &self.state_file else {
+            return Ok(self.checkpoint);
+        };
+        let got = crc32fast::hash(bytes);
+        if got != *crc {
+            return Err(bad(format!(
+                "{name} is not the strategy state this checkpoint recorded \
+                 (CRC-32 {got:08x}, expected {crc:08x})"
+            )));
+        }
+        let (tensors, _) = decode(bytes, &[STATE_FORMAT])?;
+        self.checkpoint.strategy_state.tensors = tensors;
+        Ok(self.checkpoint)
     }
 }
 
@@ -274,7 +380,10 @@ mod tests {
                 "h".into(),
                 "g".into(),
             ],
-            strategy_state: json!({"momentum": [1.5, 2.5]}),
+            strategy_state: StrategyState {
+                json: json!({"momentum": [1.5, 2.5]}),
+                tensors: Vec::new(),
+            },
             sample_seed: u64::MAX,
             history_crc32: Some(0xdead_beef),
         }
@@ -286,7 +395,7 @@ mod tests {
         let bytes = c.to_safetensors();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!((8 + header_len) % 8, 0, "data is 8-byte aligned");
-        let back = Checkpoint::from_safetensors(&bytes).unwrap();
+        let back = Checkpoint::from_safetensors(&bytes).unwrap().checkpoint;
         assert_eq!(back, c);
         let bits = |p: &Parameters| -> Vec<u8> {
             p.tensors
@@ -306,13 +415,45 @@ mod tests {
                 let mut bad = good.clone();
                 bad[i] ^= bit;
                 if let Ok(c) = Checkpoint::from_safetensors(&bad)
-                    && c != checkpoint()
+                    && c.checkpoint != checkpoint()
                 {
                     accepted.push(i);
                 }
             }
         }
         assert!(accepted.is_empty(), "damaged bytes resumed: {accepted:?}");
+    }
+
+    #[test]
+    fn strategy_tensors_live_in_their_own_checked_file() {
+        let mut c = checkpoint();
+        c.strategy_state.tensors = vec![
+            (
+                "m.0".into(),
+                Tensor::new(vec![2], vec![0.25, -1.0]).unwrap(),
+            ),
+            (
+                "v.0".into(),
+                Tensor::from_data(vec![1], TensorData::F64(vec![1e-9])).unwrap(),
+            ),
+        ];
+        let bytes = c.to_safetensors();
+        let (name, state) = c.state_file().unwrap();
+        assert_eq!(name, "strategy-state-7.safetensors");
+        let pending = Checkpoint::from_safetensors(&bytes).unwrap();
+        assert_eq!(pending.state_file.as_ref().unwrap().0, name);
+        assert!(pending.checkpoint.strategy_state.tensors.is_empty());
+        assert_eq!(
+            pending.checkpoint.parameters, c.parameters,
+            "the model alone"
+        );
+        let back = pending.clone().load_state(&state).unwrap();
+        assert_eq!(back, c);
+        let mut other = state.clone();
+        let last = other.len() - 1;
+        other[last] ^= 1;
+        let e = pending.load_state(&other).unwrap_err().to_string();
+        assert!(e.contains("is not the strategy state"), "{e}");
     }
 
     #[test]
@@ -354,6 +495,12 @@ mod tests {
             assert!(Checkpoint::from_safetensors(&header(&h)).is_err(), "{h}");
         }
         let ok = format!(r#"{{"x":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},{meta}}}"#);
-        assert_eq!(Checkpoint::from_safetensors(&header(&ok)).unwrap().round, 1);
+        assert_eq!(
+            Checkpoint::from_safetensors(&header(&ok))
+                .unwrap()
+                .checkpoint
+                .round,
+            1
+        );
     }
 }

@@ -27,5 +27,8 @@ pub use client_manager::{BoxFuture, ClientManager, ClientProxy, ProxyFuture, Reg
 pub use history::{Failure, History, RoundRecord, RunStatus};
 pub use round::{Resume, RoundObserver, RunConfig, run_federation};
 pub use run_dir::RunDir;
-pub use strategy::{EvaluateSummary, FedAvg, FedAvgConfig, Instruction, Phase, Strategy};
+pub use strategy::{
+    EvaluateSummary, FedAvg, FedAvgConfig, Instruction, Phase, Strategy, StrategySpec,
+    StrategyState,
+};
 pub use types::*;

@@ -162,7 +162,8 @@ pub async fn run_federation(
             seed,
         };
         match step.fit(strategy, &parameters, &mut record).await {
-            Err(reason) => {
+            Err(StepError::Fatal(e)) => return Err(e),
+            Err(StepError::Skipped(reason)) => {
                 tracing::warn!("round {round} skipped: {reason}");
                 record.skipped = Some(reason);
             }
@@ -237,12 +238,30 @@ fn salt(phase: Phase) -> u64 {
     }
 }
 
+/// Runs `f` (an aggregation, O(n²·d) for Krum) on this worker thread
+/// without holding up the runtime's other tasks, when the runtime has more
+/// than one thread.
+fn aggregate_off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The reason of an error, without the node prefix when it names the client.
 fn reason(e: CoreError) -> String {
     match e {
         CoreError::Client { reason, .. } => reason,
         other => other.to_string(),
     }
+}
+
+/// Why a fit step did not run.
+enum StepError {
+    /// The round is skipped (recorded) and the run goes on.
+    Skipped(String),
+    /// The run cannot go on.
+    Fatal(CoreError),
 }
 
 /// One step of one round.
@@ -286,20 +305,44 @@ impl Step<'_> {
         ))
     }
 
-    /// The fit step; `Err` when it was skipped, `Ok(None)` when no result
-    /// could be aggregated (the global model stays).
+    /// The fit step; `Err` when it was skipped or cannot run at all,
+    /// `Ok(None)` when no result could be aggregated (the global model stays).
     async fn fit(
         &self,
         strategy: &mut dyn Strategy,
         parameters: &Arc<Parameters>,
         record: &mut RoundRecord,
-    ) -> Result<Option<Parameters>, String> {
+    ) -> Result<Option<Parameters>, StepError> {
         self.wait_for(strategy.min_available_clients(Phase::Fit), Phase::Fit)
-            .await?;
+            .await
+            .map_err(StepError::Skipped)?;
         let mut rng = step_rng(self.seed, self.round, salt(Phase::Fit));
         let instructions = strategy.configure_fit(self.round, parameters, self.manager, &mut rng);
         if instructions.is_empty() {
-            return Err("configure_fit selected no clients".into());
+            return Err(StepError::Skipped(
+                "configure_fit selected no clients".into(),
+            ));
+        }
+        if strategy.buffers_results()
+            && let Some(budget) = self.config.in_flight_bytes
+        {
+            // Every result is kept until aggregation, and read as f64 then.
+            let per = parameters
+                .num_bytes()
+                .saturating_add(parameters.num_values() * 8);
+            let need = per.saturating_mul(instructions.len());
+            if need > budget {
+                return Err(StepError::Fatal(CoreError::Invalid(format!(
+                    "{} keeps every result of a round until it aggregates: {} clients × {} MiB \
+                     = {} MiB, more than --in-flight-memory-mb {}; raise it or train fewer \
+                     clients per round",
+                    strategy.name(),
+                    instructions.len(),
+                    per >> 20,
+                    need >> 20,
+                    budget >> 20
+                ))));
+            }
         }
         tracing::info!(
             "configure_fit: strategy sampled {} clients (out of {})",
@@ -340,7 +383,7 @@ impl Step<'_> {
             record.fit_results,
             record.fit_failures
         );
-        let aggregated = strategy.aggregate_fit(self.round);
+        let aggregated = aggregate_off_runtime(|| strategy.aggregate_fit(self.round, parameters));
         Ok(aggregated.and_then(|(p, metrics)| {
             record.fit_metrics = metrics;
             match p.check_like(parameters) {

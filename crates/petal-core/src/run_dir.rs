@@ -135,8 +135,18 @@ impl RunDir {
         let lock = lock(dir)?;
         let path = dir.join(CHECKPOINT);
         let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
-        let checkpoint = Checkpoint::from_safetensors(&bytes)
+        let pending = Checkpoint::from_safetensors(&bytes)
             .map_err(|e| CoreError::Invalid(format!("{}: {e}", path.display())))?;
+        let checkpoint = match pending.state_file.clone() {
+            None => pending.checkpoint,
+            Some((name, _)) => {
+                let spath = dir.join(&name);
+                let state = std::fs::read(&spath).map_err(|e| io(&spath, e))?;
+                pending
+                    .load_state(&state)
+                    .map_err(|e| CoreError::Invalid(format!("{}: {e}", spath.display())))?
+            }
+        };
         let hpath = dir.join(HISTORY_JSON);
         let mut history = match std::fs::read(&hpath) {
             Ok(text) => serde_json::from_slice::<History>(&text).map_err(|e| {
@@ -190,6 +200,22 @@ impl RunDir {
         ))
     }
 
+    /// Removes strategy-state files other than `keep`.
+    fn remove_stale_state(&self, keep: Option<&str>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("strategy-state-")
+                && name.ends_with(".safetensors")
+                && Some(name.as_str()) != keep
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.dir
@@ -218,7 +244,15 @@ impl RoundObserver for RunDir {
     /// checkpoint is played again).
     fn round_done(&self, history: &History, checkpoint: &Checkpoint) -> Result<(), CoreError> {
         self.write_history(history)?;
+        // The strategy's tensors first, under the round's own name: the
+        // previous round's stay until the checkpoint that names this one
+        // is in place.
+        let state = checkpoint.state_file();
+        if let Some((name, bytes)) = &state {
+            write_atomic(&self.dir.join(name), bytes)?;
+        }
         write_atomic(&self.dir.join(CHECKPOINT), &checkpoint.to_safetensors())?;
+        self.remove_stale_state(state.as_ref().map(|(n, _)| n.as_str()));
         *self.history.lock().unwrap_or_else(|e| e.into_inner()) = history.clone();
         Ok(())
     }
@@ -238,7 +272,7 @@ mod tests {
                 Tensor::new(vec![1], vec![round as f32]).unwrap(),
             ])),
             names: vec!["w".into()],
-            strategy_state: serde_json::Value::Null,
+            strategy_state: crate::strategy::StrategyState::default(),
             sample_seed: 3,
             history_crc32: None,
         }
@@ -339,6 +373,33 @@ mod tests {
         assert!(e.contains("history is needed"), "{e}");
         write(&h);
         assert!(RunDir::resume(tmp.path()).is_ok());
+    }
+
+    #[test]
+    fn strategy_state_tensors_resume_and_old_ones_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path()).unwrap();
+        let mut h = History::new();
+        for round in 1..=2 {
+            h.rounds.push(RoundRecord {
+                round,
+                ..Default::default()
+            });
+            let mut c = checkpoint(round);
+            c.strategy_state.tensors = vec![(
+                "m.0".into(),
+                Tensor::new(vec![1], vec![round as f32]).unwrap(),
+            )];
+            c.history_crc32 = Some(crate::checkpoint::history_digest(&h, round));
+            run.round_done(&h, &c).unwrap();
+        }
+        assert!(!tmp.path().join("strategy-state-1.safetensors").exists());
+        drop(run);
+        let (_, r) = RunDir::resume(tmp.path()).unwrap();
+        assert_eq!(r.checkpoint.strategy_state.tensors[0].1.data, vec![2.0f32]);
+        std::fs::remove_file(tmp.path().join("strategy-state-2.safetensors")).unwrap();
+        let e = RunDir::resume(tmp.path()).err().unwrap().to_string();
+        assert!(e.contains("strategy-state-2.safetensors"), "{e}");
     }
 
     #[test]

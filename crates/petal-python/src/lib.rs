@@ -63,6 +63,7 @@ impl PythonClient {
         config: &Config,
         parameters: Option<&Parameters>,
     ) -> Result<(Value, Option<Parameters>), CoreError> {
+        let start = std::time::Instant::now();
         let (metas, chunks) = parameters.map(pack).unwrap_or_default();
         let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
         let frame = self
@@ -90,6 +91,17 @@ impl PythonClient {
             }
             Some(p)
         };
+        let call_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let learner_ms = frame
+            .header
+            .get("learner_ms")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
+        tracing::debug!(
+            "PETAL-STEP {op} partition={} call_ms={call_ms:.1} learner_ms={learner_ms:.1} overhead_ms={:.1}",
+            self.partition_id,
+            call_ms - learner_ms
+        );
         Ok((frame.header, params))
     }
 }

@@ -295,7 +295,8 @@ async fn replies_that_grow_when_decoded_are_refused_before_decoding() {
     let c = petal_core::Checkpoint::from_safetensors(
         &std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .checkpoint;
     let want = (10.0 + 240.0) / 70.0;
     assert!((c.parameters.tensors[1].data.as_f32().unwrap()[0] - want).abs() < 1e-6);
     let mib = peak.mib();

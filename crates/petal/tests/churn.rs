@@ -86,7 +86,9 @@ fn spawn_client(addr: &str, client: Recording) -> tokio::task::JoinHandle<Result
 
 fn checkpoint_round(dir: &std::path::Path) -> Option<u64> {
     let bytes = std::fs::read(dir.join("checkpoint.safetensors")).ok()?;
-    Checkpoint::from_safetensors(&bytes).ok().map(|c| c.round)
+    Checkpoint::from_safetensors(&bytes)
+        .ok()
+        .map(|c| c.checkpoint.round)
 }
 
 /// An honest raw client that answers fit and evaluate; with `leave_after_fit`
@@ -278,7 +280,8 @@ async fn a_server_killed_after_round_2_resumes_bit_for_bit() {
     assert_eq!(checkpoint_round(&out), Some(2));
     let saved =
         Checkpoint::from_safetensors(&std::fs::read(out.join("checkpoint.safetensors")).unwrap())
-            .unwrap();
+            .unwrap()
+            .checkpoint;
     drop(release);
 
     let mut second =

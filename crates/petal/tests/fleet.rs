@@ -326,6 +326,41 @@ fn petal_nodes_train_beside_a_flower_supernode() {
     }
 }
 
+/// A Flower user's NumPyClient joins a SuperLink through Petal nodes (two
+/// in one process, each step in a process forked from a warm Python
+/// parent), beside a Python SuperNode; every aggregate checked.
+#[test]
+fn python_learners_join_a_flower_federation_through_petal_nodes() {
+    if skip() {
+        return;
+    }
+    let fed = Federation::start(false);
+    let supernode_port = free_port().to_string();
+    let mut supernode = flower("flower-supernode", &fed.path("flwr-home"));
+    supernode
+        .current_dir(fed.dir.path())
+        .args(["--insecure", "--superlink", &fed.addr])
+        .args(["--port", &supernode_port]);
+    let _supernode = Proc::spawn(supernode, fed.dir.path(), "supernode");
+    let learner = format!(
+        "python:{}:make",
+        fixture("fleet", "numpy_learner.py").display()
+    );
+    let py = python();
+    let mut cmd = fed.petal_node(0, 2, "subprocess", &["--nodes", "2", "--learner", &learner]);
+    cmd.arg("--python")
+        .arg(&py)
+        .env("PYTHONPATH", fixture("fleet", "app"));
+    let mut node = Proc::spawn(cmd, fed.dir.path(), "petal-python-nodes");
+    let rounds = 2;
+    let out = fed.run(3, rounds);
+    check_rounds(&out, 3, rounds);
+    let status = node.terminate();
+    let log = node.log();
+    assert!(status.success(), "the node failed:\n{log}");
+    assert_eq!(replies(&log), (2 * 2 * rounds as u64, 0), "{log}");
+}
+
 #[test]
 fn petal_nodes_join_over_tls_with_node_authentication() {
     if skip() {

@@ -213,7 +213,7 @@ async fn hostile_results_are_failures_and_the_model_averages_honest_clients() {
     }
     // FedAvg over the honest two: (10 * 1 + 30 * 4) / 40 = 3.25.
     let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
-    let c = Checkpoint::from_safetensors(&bytes).unwrap();
+    let c = Checkpoint::from_safetensors(&bytes).unwrap().checkpoint;
     assert_eq!(c.round, 1);
     assert_eq!(c.parameters.tensors[0].data, vec![3.25, 3.25]);
     assert_eq!(c.parameters.tensors[1].data, vec![3.25]);

@@ -72,7 +72,8 @@ fn the_seeds_pytorch_cnn_learns_like_the_native_engine() {
     let c = Checkpoint::from_safetensors(
         &std::fs::read(dir.path().join("torch/checkpoint.safetensors")).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .checkpoint;
     assert_eq!(c.names[0], "conv1.weight", "{:?}", c.names);
 }
 
@@ -107,7 +108,8 @@ fn a_batchnorm_checkpoint_loads_in_pytorch() {
     );
     let c =
         Checkpoint::from_safetensors(&std::fs::read(out.join("checkpoint.safetensors")).unwrap())
-            .unwrap();
+            .unwrap()
+            .checkpoint;
     let at = |name: &str| c.names.iter().position(|n| n == name).unwrap();
     let nbt = &c.parameters.tensors[at("bn1.num_batches_tracked")];
     assert_eq!(nbt.dtype(), DType::I64);
@@ -168,7 +170,8 @@ fn dtypes_and_names_survive_a_federation() {
         let c = Checkpoint::from_safetensors(
             &std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .checkpoint;
         assert_eq!(c.names, ["w", "bn.num_batches_tracked", "h"], "{isolation}");
         let t = &c.parameters.tensors;
         // Partitions 0 and 1 start at w = 0 and 1; each round adds 1.

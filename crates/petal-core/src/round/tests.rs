@@ -427,8 +427,8 @@ impl Strategy for PerClientLr {
     fn fold_fit(&mut self, round: u64, node: NodeId, res: FitRes) -> Result<(), CoreError> {
         self.inner.fold_fit(round, node, res)
     }
-    fn aggregate_fit(&mut self, round: u64) -> Option<(Parameters, Metrics)> {
-        self.inner.aggregate_fit(round)
+    fn aggregate_fit(&mut self, round: u64, current: &Parameters) -> Option<(Parameters, Metrics)> {
+        self.inner.aggregate_fit(round, current)
     }
     fn evaluate(&mut self, round: u64, p: &Parameters) -> Option<EvaluateSummary> {
         self.evaluated.push(round);
