@@ -132,10 +132,11 @@ pub async fn run_federation(
             let (p, from) = initial_parameters(manager, strategy, config).await?;
             let names = parameter_names(manager, config, &p, from).await;
             let mut h = History::new();
-            h.initial_centralized = strategy.evaluate(0, &p).map(|mut e| {
-                e.finite_only();
-                e
-            });
+            h.initial_centralized =
+                aggregate_off_runtime(|| strategy.evaluate(0, &p)).map(|mut e| {
+                    e.finite_only();
+                    e
+                });
             (h, Arc::new(p), 1, config.sample_seed, names)
         }
     };
@@ -171,7 +172,8 @@ pub async fn run_federation(
                 if let Some(p) = new {
                     parameters = Arc::new(p);
                 }
-                record.centralized = strategy.evaluate(round, &parameters);
+                record.centralized =
+                    aggregate_off_runtime(|| strategy.evaluate(round, &parameters));
                 step.evaluate(strategy, &parameters, &mut record).await;
             }
         }

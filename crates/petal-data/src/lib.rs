@@ -15,7 +15,7 @@ mod synthetic;
 use std::path::{Path, PathBuf};
 
 pub use cifar::{CIFAR10_ARCHIVE, cifar10_remote};
-pub use partition::partition_indices;
+pub use partition::{PartitionScheme, assign, assign_like, class_shares, partition_indices};
 pub use synthetic::SyntheticSpec;
 
 /// Where Debian's `dataset-fashion-mnist` package installs Fashion-MNIST.
@@ -149,12 +149,61 @@ pub struct Splits {
 impl Splits {
     /// Partition `id` of `num` of both splits (seeded, IID).
     pub fn partition(&self, id: usize, num: usize, seed: u64) -> Result<Splits, DataError> {
-        let train = partition_indices(self.train.len(), id, num, seed)?;
-        let test = partition_indices(self.test.len(), id, num, seed.wrapping_add(1))?;
-        Ok(Splits {
-            train: self.train.select(&train),
-            test: self.test.select(&test),
-        })
+        self.partition_by(PartitionScheme::Iid, id, num, seed)
+    }
+
+    /// Partition `id` of `num` of both splits under `scheme` (seeded).
+    pub fn partition_by(
+        &self,
+        scheme: PartitionScheme,
+        id: usize,
+        num: usize,
+        seed: u64,
+    ) -> Result<Splits, DataError> {
+        Ok(self
+            .partitions_by(scheme, id..id + 1, num, seed)?
+            .pop()
+            .unwrap_or_else(|| self.clone()))
+    }
+
+    /// Partitions `ids` of `num` under `scheme`, the assignment computed once.
+    pub fn partitions_by(
+        &self,
+        scheme: PartitionScheme,
+        ids: std::ops::Range<usize>,
+        num: usize,
+        seed: u64,
+    ) -> Result<Vec<Splits>, DataError> {
+        if ids.end > num {
+            return Err(DataError::Partition(format!(
+                "partition id {} is out of range for {num} partitions (0..{})",
+                ids.end - 1,
+                num.saturating_sub(1)
+            )));
+        }
+        if scheme == PartitionScheme::Iid {
+            // Each split cut on its own (as Petal always has).
+            return ids
+                .map(|id| {
+                    let train = partition_indices(self.train.len(), id, num, seed)?;
+                    let test = partition_indices(self.test.len(), id, num, seed.wrapping_add(1))?;
+                    Ok(Splits {
+                        train: self.train.select(&train),
+                        test: self.test.select(&test),
+                    })
+                })
+                .collect();
+        }
+        let classes = self.train.num_classes;
+        let train = assign(scheme, &self.train.labels, classes, num, seed)?;
+        let shares = class_shares(&train, &self.train.labels, classes);
+        let test = assign_like(&self.test.labels, &shares, seed.wrapping_add(1))?;
+        Ok(ids
+            .map(|id| Splits {
+                train: self.train.select(&train[id]),
+                test: self.test.select(&test[id]),
+            })
+            .collect())
     }
 }
 
@@ -242,11 +291,12 @@ impl DatasetSpec {
         Ok(sizes)
     }
 
-    /// Partition `id` of `num` (seeded, IID). Synthetic data generates
-    /// just that partition; real data sets are loaded, then cut.
+    /// Partition `id` of `num` under `scheme` (seeded). Synthetic data
+    /// generates just that partition; real data sets are loaded, then cut.
     pub fn load_partition(
         &self,
         data_dir: Option<&Path>,
+        scheme: PartitionScheme,
         id: usize,
         num: usize,
         seed: u64,
@@ -257,26 +307,26 @@ impl DatasetSpec {
                     "partition id {id} is out of range for {num} partitions"
                 )));
             }
-            return spec.generate_partition(id);
+            return spec.generate_partition_by(scheme, id, num, seed);
         }
-        self.load(data_dir)?.partition(id, num, seed)
+        self.load(data_dir)?.partition_by(scheme, id, num, seed)
     }
 
-    /// Partitions `ids` of `num`, loading a real data set once for all of
-    /// them (as a process hosting many clients does).
+    /// Partitions `ids` of `num` under `scheme`, loading a real data set
+    /// once for all of them (as a process hosting many clients does).
     pub fn load_partitions(
         &self,
         data_dir: Option<&Path>,
+        scheme: PartitionScheme,
         ids: std::ops::Range<usize>,
         num: usize,
         seed: u64,
     ) -> Result<Vec<Splits>, DataError> {
         if let DatasetSpec::Synthetic(_) = self {
             return ids
-                .map(|id| self.load_partition(data_dir, id, num, seed))
+                .map(|id| self.load_partition(data_dir, scheme, id, num, seed))
                 .collect();
         }
-        let all = self.load(data_dir)?;
-        ids.map(|id| all.partition(id, num, seed)).collect()
+        self.load(data_dir)?.partitions_by(scheme, ids, num, seed)
     }
 }

@@ -86,10 +86,57 @@ impl SyntheticSpec {
         })
     }
 
+    /// Partition `id` of `num` under `scheme`: IID partitions are generated
+    /// on their own; for the others, a virtual data set of `num` partitions'
+    /// worth of uniformly drawn labels is cut by the scheme (labels only,
+    /// cheap) and partition `id` is generated with its share's labels.
+    pub fn generate_partition_by(
+        &self,
+        scheme: crate::PartitionScheme,
+        id: usize,
+        num: usize,
+        seed: u64,
+    ) -> Result<Splits, DataError> {
+        if scheme == crate::PartitionScheme::Iid {
+            return self.generate_partition(id);
+        }
+        let virtual_labels = |n: usize, salt: u64| -> Result<Vec<u8>, DataError> {
+            let total = n.checked_mul(num).ok_or_else(|| {
+                DataError::Synthetic(format!("{n} images × {num} partitions overflow"))
+            })?;
+            let mut rng = StdRng::seed_from_u64(self.seed ^ salt);
+            Ok((0..total)
+                .map(|_| rng.random_range(0..self.num_classes) as u8)
+                .collect())
+        };
+        let train = virtual_labels(self.train, 0x7472_6169_6e00_0000)?;
+        let test = virtual_labels(self.test, 0x7465_7374_0000_0000)?;
+        let parts = crate::assign(scheme, &train, self.num_classes, num, seed)?;
+        let shares = crate::class_shares(&parts, &train, self.num_classes);
+        let test_parts = crate::assign_like(&test, &shares, seed.wrapping_add(1))?;
+        let pick =
+            |labels: &[u8], idx: &[usize]| idx.iter().map(|&i| labels[i]).collect::<Vec<u8>>();
+        Ok(Splits {
+            train: self.generate_with(id, false, Some(pick(&train, &parts[id])))?,
+            test: self.generate_with(id, true, Some(pick(&test, &test_parts[id])))?,
+        })
+    }
+
     /// Generates one split of partition `id` (the test split with `test`):
     /// the classes' prototypes come from the seed alone, the samples from
     /// the seed, `id` and the split, so either split can be made alone.
     pub fn generate_split(&self, id: usize, test: bool) -> Result<ImageSet, DataError> {
+        self.generate_with(id, test, None)
+    }
+
+    /// One split of partition `id`, with these labels when given (else
+    /// drawn uniformly).
+    fn generate_with(
+        &self,
+        id: usize,
+        test: bool,
+        labels: Option<Vec<u8>>,
+    ) -> Result<ImageSet, DataError> {
         let size = self.validate()?;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let prototypes: Vec<Vec<u8>> = (0..self.num_classes)
@@ -102,7 +149,9 @@ impl SyntheticSpec {
                 0x5851_f42d_4c95_7f2d
             };
         let mut rng = StdRng::seed_from_u64(stream);
-        let n = if test { self.test } else { self.train };
+        let n = labels
+            .as_ref()
+            .map_or(if test { self.test } else { self.train }, Vec::len);
         let mut set = ImageSet {
             shape: self.shape,
             num_classes: self.num_classes,
@@ -110,8 +159,11 @@ impl SyntheticSpec {
             labels: Vec::with_capacity(n),
         };
         let noise = self.noise as i16;
-        for _ in 0..n {
-            let label = rng.random_range(0..self.num_classes);
+        for i in 0..n {
+            let label = match &labels {
+                Some(l) => l[i] as usize,
+                None => rng.random_range(0..self.num_classes),
+            };
             set.labels.push(label as u8);
             for &p in &prototypes[label] {
                 let v = p as i16 + rng.random_range(-noise..=noise);

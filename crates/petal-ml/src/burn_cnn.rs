@@ -98,6 +98,34 @@ impl Cnn {
         })
     }
 
+    /// FedProx's `||w − anchor||²` over every parameter (the anchor detached).
+    fn squared_distance(&self, anchor: &Cnn) -> Tensor<1> {
+        fn sq<const D: usize>(a: &Param<Tensor<D>>, b: &Param<Tensor<D>>) -> Tensor<1> {
+            (a.val() - b.val().detach()).powi_scalar(2).sum()
+        }
+        fn bias(a: &Option<Param<Tensor<1>>>, b: &Option<Param<Tensor<1>>>) -> Option<Tensor<1>> {
+            Some(sq(a.as_ref()?, b.as_ref()?))
+        }
+        let mut total = sq(&self.conv1.weight, &anchor.conv1.weight)
+            + sq(&self.conv2.weight, &anchor.conv2.weight)
+            + sq(&self.fc1.weight, &anchor.fc1.weight)
+            + sq(&self.fc2.weight, &anchor.fc2.weight)
+            + sq(&self.fc3.weight, &anchor.fc3.weight);
+        for b in [
+            bias(&self.conv1.bias, &anchor.conv1.bias),
+            bias(&self.conv2.bias, &anchor.conv2.bias),
+            bias(&self.fc1.bias, &anchor.fc1.bias),
+            bias(&self.fc2.bias, &anchor.fc2.bias),
+            bias(&self.fc3.bias, &anchor.fc3.bias),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            total = total + b;
+        }
+        total
+    }
+
     /// Logits `[batch, classes]` for images `[batch, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let x = self.pool.forward(self.relu.forward(self.conv1.forward(x)));
@@ -266,13 +294,19 @@ impl Learner for BurnCnn {
         let mut rng = StdRng::seed_from_u64(opts.seed);
         let mut order: Vec<usize> = (0..data.len()).collect();
         let mut model = self.model.take().expect("model is present between calls");
+        // FedProx: the loss gains mu/2 · ||w − w_global||².
+        let anchor = (opts.proximal_mu > 0.0).then(|| model.clone());
         let mut last_epoch_loss = 0.0;
         for _ in 0..opts.epochs {
             order.shuffle(&mut rng);
             let mut sum = 0.0f64;
             for idx in order.chunks(opts.batch_size) {
                 let (x, y) = self.batch(data, idx, &self.device);
-                let loss = loss_fn.forward(model.forward(x), y);
+                let mut loss = loss_fn.forward(model.forward(x), y);
+                if let Some(a) = &anchor {
+                    let prox = model.squared_distance(a).mul_scalar(opts.proximal_mu / 2.0);
+                    loss = loss + prox;
+                }
                 let value = loss.clone().into_scalar::<f32>() as f64;
                 if !value.is_finite() {
                     self.model = Some(model);

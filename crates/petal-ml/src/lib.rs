@@ -130,6 +130,9 @@ pub struct TrainOptions {
     pub batch_size: usize,
     /// Seed of the shuffling order (`seed`; the server round is added to it).
     pub seed: u64,
+    /// FedProx's proximal term `mu` (`proximal_mu`): the loss gains
+    /// `mu/2 · ||w − w_global||²`; 0 is plain SGD.
+    pub proximal_mu: f64,
 }
 
 impl Default for TrainOptions {
@@ -140,6 +143,38 @@ impl Default for TrainOptions {
             momentum: 0.9,
             batch_size: 32,
             seed: 0,
+            proximal_mu: 0.0,
+        }
+    }
+}
+
+/// The config keys a Petal learner reads (Flower's names, and Petal's
+/// older `epochs`); others are logged once.
+pub const KNOWN_CONFIG_KEYS: [&str; 10] = [
+    "server_round",
+    "local_epochs",
+    "epochs",
+    "lr",
+    "momentum",
+    "batch_size",
+    "proximal_mu",
+    "seed",
+    "clipping_norm",
+    "eta_l",
+];
+
+/// Logs each config key a learner does not use, once per process: a
+/// server's setting must never be dropped without a word.
+fn warn_unknown_keys(config: &Config) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    for k in config.keys() {
+        if KNOWN_CONFIG_KEYS.contains(&k.as_str()) || k.contains('-') {
+            continue;
+        }
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|s| s == k) {
+            tracing::warn!("the server's config key '{k}' is not used by this learner");
+            seen.push(k.clone());
         }
     }
 }
@@ -147,6 +182,7 @@ impl Default for TrainOptions {
 impl TrainOptions {
     /// These options with the keys present in `config` applied.
     pub fn with_config(&self, config: &Config) -> Result<Self, MlError> {
+        warn_unknown_keys(config);
         let positive_int = |key: &str, default: usize, max: usize| -> Result<usize, MlError> {
             let v = config_f64(config, key, default as f64)?;
             if v < 1.0 || v.fract() != 0.0 {
@@ -172,12 +208,25 @@ impl TrainOptions {
             )));
         }
         let round = config_f64(config, "server_round", 0.0)? as u64;
+        let proximal_mu = config_f64(config, "proximal_mu", self.proximal_mu)?;
+        if !(proximal_mu.is_finite() && proximal_mu >= 0.0) {
+            return Err(MlError::Config(format!(
+                "proximal_mu must be a non-negative number, got {proximal_mu}"
+            )));
+        }
+        // Flower's `local_epochs`, or Petal's `epochs` when it is the one given.
+        let epochs_key = if config.contains_key("local_epochs") {
+            "local_epochs"
+        } else {
+            "epochs"
+        };
         Ok(TrainOptions {
-            epochs: positive_int("epochs", self.epochs, MAX_EPOCHS)?,
+            epochs: positive_int(epochs_key, self.epochs, MAX_EPOCHS)?,
             lr,
             momentum,
             batch_size: positive_int("batch_size", self.batch_size, MAX_BATCH_SIZE)?,
             seed: (config_f64(config, "seed", self.seed as f64)? as u64).wrapping_add(round),
+            proximal_mu,
         })
     }
 }

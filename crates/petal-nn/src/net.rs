@@ -150,6 +150,8 @@ struct Plan {
 struct Weights {
     params: Vec<Param>,
     momentum: Vec<Vec<f32>>,
+    /// FedProx: `mu` and the global weights the proximal term pulls towards.
+    prox: Option<(f32, Vec<Vec<f32>>)>,
     fwd: Vec<Vec<f32>>,
     bwd: Vec<Vec<f32>>,
 }
@@ -281,6 +283,7 @@ impl Network {
         let mut weights = Weights {
             params,
             momentum,
+            prox: None,
             fwd: Vec::new(),
             bwd: Vec::new(),
         };
@@ -346,6 +349,17 @@ impl Network {
         Ok(())
     }
 
+    /// FedProx: adds `mu/2 · ||w − w_now||²` to the training loss from now
+    /// on (`w_now`: the current weights, the global model a fit starts
+    /// from), as PyTorch's FedProx adds it to the loss it differentiates;
+    /// `mu` 0 removes it.
+    pub fn set_proximal(&mut self, mu: f32) {
+        self.weights.prox = (mu > 0.0).then(|| {
+            let anchor = self.weights.params.iter().map(|p| p.data.clone()).collect();
+            (mu, anchor)
+        });
+    }
+
     /// Forgets the SGD momentum (a new optimizer, as each local fit starts).
     pub fn reset_momentum(&mut self) {
         for m in &mut self.weights.momentum {
@@ -372,7 +386,7 @@ impl Network {
             let mut losses = Vec::new();
             for batch in order.chunks(batch_size) {
                 let (loss, _) = s.run(data, batch, true);
-                let loss = loss / batch.len() as f64;
+                let loss = loss / batch.len() as f64 + s.proximal_loss();
                 losses.push(loss);
                 s.step(lr, momentum);
                 if !loss.is_finite() {
@@ -635,15 +649,50 @@ impl<'e> Session<'_, 'e> {
         first.pgrads.clone()
     }
 
-    /// An SGD step with the last batch's gradients.
+    /// The proximal term `mu/2 · ||w − w_global||²` of the weights now (0
+    /// without FedProx).
+    fn proximal_loss(&self) -> f64 {
+        let w = self.weights.read().unwrap_or_else(|e| e.into_inner());
+        let Some((mu, anchor)) = &w.prox else {
+            return 0.0;
+        };
+        let sq: f64 = w
+            .params
+            .iter()
+            .zip(anchor)
+            .flat_map(|(p, a)| p.data.iter().zip(a).map(|(x, y)| f64::from(x - y).powi(2)))
+            .sum();
+        f64::from(*mu) / 2.0 * sq
+    }
+
+    /// An SGD step with the last batch's gradients (plus FedProx's
+    /// `mu · (w − w_global)`).
     fn step(&self, lr: f32, momentum: f32) {
         let grads = self.summed_grads();
         let mut w = self.weights.write().unwrap_or_else(|e| e.into_inner());
         let w = &mut *w;
-        for ((p, m), g) in w.params.iter_mut().zip(&mut w.momentum).zip(&grads) {
-            for ((x, b), &d) in p.data.iter_mut().zip(m.iter_mut()).zip(g) {
-                *b = momentum * *b + d;
-                *x -= lr * *b;
+        match &w.prox {
+            None => {
+                for ((p, m), g) in w.params.iter_mut().zip(&mut w.momentum).zip(&grads) {
+                    for ((x, b), &d) in p.data.iter_mut().zip(m.iter_mut()).zip(g) {
+                        *b = momentum * *b + d;
+                        *x -= lr * *b;
+                    }
+                }
+            }
+            Some((mu, anchor)) => {
+                let iter = w
+                    .params
+                    .iter_mut()
+                    .zip(&mut w.momentum)
+                    .zip(&grads)
+                    .zip(anchor);
+                for (((p, m), g), a) in iter {
+                    for (((x, b), &d), &y) in p.data.iter_mut().zip(m.iter_mut()).zip(g).zip(a) {
+                        *b = momentum * *b + d + mu * (*x - y);
+                        *x -= lr * *b;
+                    }
+                }
             }
         }
         w.arrange(&self.plan.ops);

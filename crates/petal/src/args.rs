@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use petal_data::{DatasetSpec, SyntheticSpec};
+use petal_core::strategy::{DpMode, DpSpec, StrategySpec};
+use petal_data::{DatasetSpec, PartitionScheme, SyntheticSpec};
 use petal_ml::{Backend, TrainOptions};
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,16 @@ pub struct DataArgs {
     /// Seed of partitioning and synthetic data.
     #[arg(long, default_value_t = 42)]
     pub data_seed: u64,
+    /// How the data is cut among clients: iid, dirichlet:ALPHA (label
+    /// skew), shards:K (K label-sorted shards each) or size-skew:ALPHA
+    /// (Flower Datasets' partitioners; seeded by --data-seed).
+    #[arg(long, default_value = "iid")]
+    #[serde(default = "default_partition")]
+    pub partition: PartitionScheme,
+}
+
+fn default_partition() -> PartitionScheme {
+    PartitionScheme::Iid
 }
 
 pub fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -147,6 +158,7 @@ impl TrainArgs {
             momentum: self.momentum,
             batch_size: self.batch_size,
             seed,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -376,6 +388,16 @@ pub struct RoundArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
+    /// Evaluate the global model on the server, on the test split of the
+    /// server's data set (--dataset, --data-dir), after round 0, every
+    /// --server-eval-every rounds and after the last.
+    #[arg(long)]
+    pub server_eval: bool,
+    /// Rounds between server-side evaluations.
+    #[arg(long, default_value_t = 1)]
+    pub server_eval_every: u64,
 }
 
 /// What a peer may make the server hold: every limit of the transport.
@@ -401,6 +423,208 @@ pub struct LimitArgs {
     /// Seconds a new connection has to start HTTP/2.
     #[arg(long, default_value_t = 10.0)]
     pub handshake_timeout: f64,
+}
+
+/// The strategy and its parameters (Flower's names; a parameter the
+/// chosen strategy does not take is refused).
+#[derive(Args, Debug, Clone, Default)]
+pub struct StrategyArgs {
+    /// Aggregation strategy: fedavg, fedprox, fedavgm, fedadagrad, fedadam,
+    /// fedyogi, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg.
+    #[arg(long, default_value = "fedavg")]
+    pub strategy: String,
+    /// FedProx: the proximal term's weight sent to clients (0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub proximal_mu: Option<f64>,
+    /// FedAvgM: server learning rate (1.0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub server_learning_rate: Option<f64>,
+    /// FedAvgM: server momentum (0.0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub server_momentum: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: server learning rate (0.1, 0.1, 0.01).
+    #[arg(long, allow_negative_numbers = true)]
+    pub eta: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: client learning rate (0.1, 0.1, 0.0316).
+    #[arg(long, allow_negative_numbers = true)]
+    pub eta_l: Option<f64>,
+    /// FedAdam/FedYogi: first-moment decay (0.9).
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta_1: Option<f64>,
+    /// FedAdam/FedYogi: second-moment decay (0.99).
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta_2: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: adaptivity (0.001).
+    #[arg(long, allow_negative_numbers = true)]
+    pub tau: Option<f64>,
+    /// FedTrimmedAvg: fraction cut from each end (0.2).
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta: Option<f64>,
+    /// Krum/MultiKrum/Bulyan: malicious clients tolerated (0).
+    #[arg(long)]
+    pub num_malicious_nodes: Option<usize>,
+    /// MultiKrum: results kept (1).
+    #[arg(long)]
+    pub num_nodes_to_select: Option<usize>,
+    /// q-FedAvg: the clients' learning rate (0.1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub client_learning_rate: Option<f64>,
+    /// q-FedAvg: fairness exponent q (0.1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub q: Option<f64>,
+    /// q-FedAvg: the fit metric holding a client's training loss (train_loss).
+    #[arg(long)]
+    pub train_loss_key: Option<String>,
+    /// Central differential privacy around the strategy: server-fixed,
+    /// client-fixed, server-adaptive or client-adaptive clipping.
+    #[arg(long)]
+    pub dp: Option<String>,
+    /// DP: noise standard deviation over the clipping norm (required with --dp).
+    #[arg(long, allow_negative_numbers = true)]
+    pub noise_multiplier: Option<f64>,
+    /// DP, fixed clipping: the clipping norm (required).
+    #[arg(long, allow_negative_numbers = true)]
+    pub clipping_norm: Option<f64>,
+    /// DP, adaptive clipping: the first clipping norm (0.1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub initial_clipping_norm: Option<f64>,
+    /// DP, adaptive clipping: the fraction of updates to clip (0.5).
+    #[arg(long, allow_negative_numbers = true)]
+    pub target_clipped_quantile: Option<f64>,
+    /// DP, adaptive clipping: the norm's learning rate (0.2).
+    #[arg(long, allow_negative_numbers = true)]
+    pub clip_norm_lr: Option<f64>,
+    /// DP, adaptive clipping: noise on the clipped count (clients / 20).
+    #[arg(long, allow_negative_numbers = true)]
+    pub clipped_count_stddev: Option<f64>,
+}
+
+impl StrategyArgs {
+    /// The strategy these flags describe: Flower's defaults, then each
+    /// given parameter (refused when the strategy does not take it).
+    pub fn spec(&self) -> anyhow::Result<StrategySpec> {
+        let spec = StrategySpec::defaults(&self.strategy)
+            .map_err(|e| anyhow::anyhow!("--strategy: {e}"))?;
+        let mut value = serde_json::to_value(&spec)?;
+        let given: [(&str, Option<serde_json::Value>); 14] = [
+            ("proximal_mu", self.proximal_mu.map(Into::into)),
+            (
+                "server_learning_rate",
+                self.server_learning_rate.map(Into::into),
+            ),
+            ("server_momentum", self.server_momentum.map(Into::into)),
+            ("eta", self.eta.map(Into::into)),
+            ("eta_l", self.eta_l.map(Into::into)),
+            ("beta_1", self.beta_1.map(Into::into)),
+            ("beta_2", self.beta_2.map(Into::into)),
+            ("tau", self.tau.map(Into::into)),
+            ("beta", self.beta.map(Into::into)),
+            (
+                "num_malicious_nodes",
+                self.num_malicious_nodes.map(Into::into),
+            ),
+            (
+                "num_nodes_to_select",
+                self.num_nodes_to_select.map(Into::into),
+            ),
+            (
+                "client_learning_rate",
+                self.client_learning_rate.map(Into::into),
+            ),
+            ("q", self.q.map(Into::into)),
+            (
+                "train_loss_key",
+                self.train_loss_key.clone().map(Into::into),
+            ),
+        ];
+        for (key, v) in given {
+            let Some(v) = v else { continue };
+            match value.get_mut(key) {
+                Some(slot) => *slot = v,
+                None => anyhow::bail!(
+                    "--{} does not apply to --strategy {}",
+                    key.replace('_', "-"),
+                    self.strategy
+                ),
+            }
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// The DP wrapper these flags describe, if any; `sampled` clients per
+    /// round, the noise seeded by `seed`.
+    pub fn dp(&self, sampled: usize, seed: u64) -> anyhow::Result<Option<DpSpec>> {
+        let Some(mode) = &self.dp else {
+            for (flag, given) in [
+                ("--noise-multiplier", self.noise_multiplier.is_some()),
+                ("--clipping-norm", self.clipping_norm.is_some()),
+                (
+                    "--initial-clipping-norm",
+                    self.initial_clipping_norm.is_some(),
+                ),
+                (
+                    "--target-clipped-quantile",
+                    self.target_clipped_quantile.is_some(),
+                ),
+                ("--clip-norm-lr", self.clip_norm_lr.is_some()),
+                (
+                    "--clipped-count-stddev",
+                    self.clipped_count_stddev.is_some(),
+                ),
+            ] {
+                anyhow::ensure!(!given, "{flag} needs --dp");
+            }
+            return Ok(None);
+        };
+        let mode: DpMode = mode.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let noise = self
+            .noise_multiplier
+            .ok_or_else(|| anyhow::anyhow!("--dp needs --noise-multiplier"))?;
+        let mut d = DpSpec::new(mode, noise, sampled);
+        d.seed = seed;
+        let adaptive = matches!(mode, DpMode::ServerAdaptive | DpMode::ClientAdaptive);
+        if adaptive {
+            anyhow::ensure!(
+                self.clipping_norm.is_none(),
+                "--clipping-norm is for fixed clipping; adaptive clipping starts at --initial-clipping-norm"
+            );
+            if let Some(v) = self.initial_clipping_norm {
+                d.initial_clipping_norm = v;
+            }
+            if let Some(v) = self.target_clipped_quantile {
+                d.target_clipped_quantile = v;
+            }
+            if let Some(v) = self.clip_norm_lr {
+                d.clip_norm_lr = v;
+            }
+            d.clipped_count_stddev = self.clipped_count_stddev;
+        } else {
+            d.clipping_norm = self.clipping_norm.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--dp {} needs --clipping-norm",
+                    self.dp.as_deref().unwrap_or("")
+                )
+            })?;
+            for (flag, given) in [
+                (
+                    "--initial-clipping-norm",
+                    self.initial_clipping_norm.is_some(),
+                ),
+                (
+                    "--target-clipped-quantile",
+                    self.target_clipped_quantile.is_some(),
+                ),
+                ("--clip-norm-lr", self.clip_norm_lr.is_some()),
+                (
+                    "--clipped-count-stddev",
+                    self.clipped_count_stddev.is_some(),
+                ),
+            ] {
+                anyhow::ensure!(!given, "{flag} is for adaptive clipping");
+            }
+        }
+        Ok(Some(d))
+    }
 }
 
 /// Server-side federation settings.

@@ -8,10 +8,10 @@ use anyhow::{Context, bail};
 use petal_client::isolation::{SubprocessClient, serve_worker};
 use petal_client::{ConnectOptions, run_clients};
 use petal_core::{
-    Config, CoreError, FedAvg, FedAvgConfig, History, Registry, RoundObserver, RunConfig, RunDir,
+    Config, CoreError, FedAvgConfig, History, Registry, RoundObserver, RunConfig, RunDir,
     RunStatus, Scalar, run_federation,
 };
-use petal_data::{DatasetSpec, Splits};
+use petal_data::{DatasetSpec, PartitionScheme, Splits};
 use petal_ml::noop::NoopClient;
 use petal_ml::{
     Backend, CNN_PARAMETER_NAMES, Learner, LearnerClient, LearnerPool, MakeLearner, PartitionData,
@@ -30,6 +30,7 @@ pub struct Interrupted(pub String);
 fn fit_config(train: &TrainArgs) -> Config {
     [
         ("epochs".to_string(), Scalar::I64(train.epochs as i64)),
+        ("local_epochs".to_string(), Scalar::I64(train.epochs as i64)),
         ("lr".to_string(), Scalar::Double(train.lr)),
         ("momentum".to_string(), Scalar::Double(train.momentum)),
         (
@@ -78,12 +79,14 @@ fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
 
 /// `petal server`: serve until the federation completes; returns its history.
 pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
-    args.train.validate()?;
+    args.learner.train.validate()?;
     let registry = Arc::new(Registry::new());
     let options = server_options(&args.federation.round)?;
     let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
-    let (run_dir, resume) = open_run_dir(&args.federation.round)?;
-    let history = federate(&registry, &run_dir, resume, &args.federation, &args.train).await;
+    let prepared = prepare(&args.federation, &args.learner)?;
+    let mut run = open_run_dir(&args.federation.round)?;
+    let resume = run.resume.take();
+    let history = federate(&registry, &run, resume, prepared).await;
     grpc.shutdown(Duration::from_secs(3)).await?;
     history
 }
@@ -108,8 +111,36 @@ fn default_run_dir() -> PathBuf {
     dir
 }
 
-/// The run folder: the one to resume, the one asked for, or a new default.
-fn open_run_dir(round: &RoundArgs) -> anyhow::Result<(RunDir, Option<petal_core::Resume>)> {
+/// A run folder and how it came to be.
+pub struct OpenedRun {
+    pub dir: RunDir,
+    pub resume: Option<petal_core::Resume>,
+    /// True when this process made the folder (a failed start removes it).
+    created: bool,
+    /// True for the default `runs/<time>` (`runs/latest` follows it once
+    /// a round is saved).
+    default: bool,
+}
+
+impl OpenedRun {
+    /// Removes the folder of a run that failed before saving a round, if
+    /// this process made it: a failed start leaves nothing behind.
+    fn discard_if_empty(&self, history: Option<&History>) {
+        let saved = history.is_some_and(|h| !h.rounds.is_empty())
+            || self
+                .dir
+                .path()
+                .join(petal_core::run_dir::CHECKPOINT)
+                .exists();
+        if self.created && self.resume.is_none() && !saved {
+            let _ = std::fs::remove_dir_all(self.dir.path());
+        }
+    }
+}
+
+/// The run folder: the one to resume, the one asked for, or a new default;
+/// a new one gets the run's settings (`config.json`).
+fn open_run_dir(round: &RoundArgs) -> anyhow::Result<OpenedRun> {
     if let Some(dir) = &round.resume {
         let (run, resume) = RunDir::resume(dir)?;
         if resume.checkpoint.round >= round.rounds {
@@ -120,25 +151,41 @@ fn open_run_dir(round: &RoundArgs) -> anyhow::Result<(RunDir, Option<petal_core:
                 resume.checkpoint.round
             );
         }
-        return Ok((run, Some(resume)));
+        return Ok(OpenedRun {
+            dir: run,
+            resume: Some(resume),
+            created: false,
+            default: false,
+        });
     }
-    let dir = match &round.out {
-        Some(d) => d.clone(),
-        None => {
-            let d = default_run_dir();
-            #[cfg(unix)]
-            {
-                let latest = Path::new("runs").join("latest");
-                std::fs::create_dir_all("runs").ok();
-                let _ = std::fs::remove_file(&latest);
-                if let Some(name) = d.file_name() {
-                    let _ = std::os::unix::fs::symlink(name, &latest);
-                }
-            }
-            d
-        }
+    let (dir, default) = match &round.out {
+        Some(d) => (d.clone(), false),
+        None => (default_run_dir(), true),
     };
-    Ok((RunDir::create(&dir)?, None))
+    let created = !dir.exists();
+    let run = RunDir::create(&dir)?;
+    if let Some(r) = crate::settings::RECORDED.get() {
+        let json = serde_json::to_vec_pretty(r)?;
+        petal_core::run_dir::write_atomic(&dir.join(crate::settings::CONFIG_JSON), &json)?;
+    }
+    Ok(OpenedRun {
+        dir: run,
+        resume: None,
+        created,
+        default,
+    })
+}
+
+/// Points `runs/latest` at `dir` (a default run folder, once it holds a round).
+fn point_latest(dir: &Path) {
+    #[cfg(unix)]
+    {
+        let latest = Path::new("runs").join("latest");
+        let _ = std::fs::remove_file(&latest);
+        if let Some(name) = dir.file_name() {
+            let _ = std::os::unix::fs::symlink(name, &latest);
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.
@@ -161,22 +208,44 @@ async fn shutdown_signal() {
     }
 }
 
-async fn federate(
-    registry: &Registry,
-    run_dir: &RunDir,
-    resume: Option<petal_core::Resume>,
-    fed: &FederationArgs,
-    train: &TrainArgs,
-) -> anyhow::Result<History> {
-    let fc = fit_config(train);
-    let mut strategy = FedAvg::new(FedAvgConfig {
-        fit_clients: fed.fit_clients,
-        min_available_clients: fed.min_available_clients,
-        fraction_evaluate: fed.round.fraction_evaluate,
-        evaluate_config: [("batch_size".to_string(), fc["batch_size"].clone())].into(),
-        fit_config: fc,
-        ..Default::default()
-    })?;
+/// The strategy and the round loop's settings, made before anything is
+/// started or written: a bad setting fails here.
+struct Prepared {
+    strategy: Box<dyn petal_core::Strategy>,
+    config: RunConfig,
+    fit_clients: usize,
+    min_available_clients: usize,
+}
+
+fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepared> {
+    let fc = fit_config(&learner.train);
+    let spec = fed.round.strategy.spec()?;
+    let dp = fed
+        .round
+        .strategy
+        .dp(fed.fit_clients, fed.round.sample_seed)?;
+    let evaluate_fn = if fed.round.server_eval {
+        Some(server_evaluation(
+            learner,
+            fed.round.server_eval_every,
+            fed.round.rounds,
+        )?)
+    } else {
+        None
+    };
+    let strategy = petal_core::strategy::build(
+        &spec,
+        FedAvgConfig {
+            fit_clients: fed.fit_clients,
+            min_available_clients: fed.min_available_clients,
+            fraction_evaluate: fed.round.fraction_evaluate,
+            evaluate_config: [("batch_size".to_string(), fc["batch_size"].clone())].into(),
+            fit_config: fc,
+            evaluate_fn,
+            ..Default::default()
+        },
+        dp.as_ref(),
+    )?;
     let config = RunConfig {
         num_rounds: fed.round.rounds,
         call_timeout: secs(Some(fed.round.call_timeout), true)?,
@@ -191,16 +260,38 @@ async fn federate(
         sample_seed: fed.round.sample_seed,
         parameter_names: None,
     };
+    Ok(Prepared {
+        strategy,
+        config,
+        fit_clients: fed.fit_clients,
+        min_available_clients: fed.min_available_clients,
+    })
+}
+
+async fn federate(
+    registry: &Registry,
+    run: &OpenedRun,
+    resume: Option<petal_core::Resume>,
+    prepared: Prepared,
+) -> anyhow::Result<History> {
+    let Prepared {
+        mut strategy,
+        config,
+        fit_clients,
+        min_available_clients,
+    } = prepared;
+    let run_dir = &run.dir;
     tracing::info!(
-        "FedAvg for {} rounds: {} clients trained per round, {} must be connected; results in {}",
-        fed.round.rounds,
-        fed.fit_clients,
-        fed.min_available_clients,
+        "{} for {} rounds: {} clients trained per round, {} must be connected; results in {}",
+        strategy.name(),
+        config.num_rounds,
+        fit_clients,
+        min_available_clients,
         run_dir.path().display()
     );
-    let observer = Progress::new(run_dir);
+    let observer = Progress::new(run_dir, run.default);
     let outcome = tokio::select! {
-        r = run_federation(registry, &mut strategy, &config, resume, &observer) => Some(r),
+        r = run_federation(registry, &mut *strategy, &config, resume, &observer) => Some(r),
         _ = shutdown_signal() => None,
     };
     observer.clear();
@@ -209,32 +300,117 @@ async fn federate(
         None => {
             let h = run_dir.finish(RunStatus::Interrupted)?;
             eprint!("{}", h.summary());
+            run.discard_if_empty(Some(&h));
             Err(Interrupted(dir).into())
         }
         Some(Err(e)) => {
             let h = run_dir.finish(RunStatus::Failed(e.to_string()))?;
             eprint!("{}", h.summary());
+            run.discard_if_empty(Some(&h));
+            if h.rounds.is_empty() && run.created {
+                return Err(anyhow::Error::from(e).context("the run failed before its first round"));
+            }
             Err(anyhow::Error::from(e).context(format!("the run failed (history in {dir})")))
         }
         Some(Ok(_)) => {
             let h = run_dir.finish(RunStatus::Completed)?;
-            eprint!("{}", h.summary());
+            print!("{}", h.summary());
             tracing::info!("history and checkpoint written to {dir}");
             Ok(h)
         }
     }
 }
 
+/// Server-side evaluation: a client of the whole data set (one partition)
+/// evaluating the global model on the test split, after round 0, after
+/// every `every` rounds and after round `last`.
+fn server_evaluation(
+    learner: &LearnerArgs,
+    every: u64,
+    last: u64,
+) -> anyhow::Result<petal_core::strategy::EvaluateFn> {
+    anyhow::ensure!(every >= 1, "--server-eval-every must be at least 1");
+    let mut args = learner.clone();
+    args.partition_id = 0;
+    args.num_partitions = 1;
+    args.partition_cache = None;
+    args.validate()?;
+    anyhow::ensure!(
+        args.device()? != Backend::Noop || args.python_spec().is_some(),
+        "--server-eval needs a learner: the noop device has none"
+    );
+    let mut client: Box<dyn petal_core::Client> = match args.python_spec() {
+        Some(python) => {
+            let pool = Arc::new(petal_python::WorkerPool::new(
+                python,
+                petal_python::Mode::Inline,
+                1,
+                None,
+            ));
+            pool.start(0).map_err(|e| anyhow::anyhow!(e))?;
+            Box::new(petal_python::PythonClient::new(pool, 0, 1))
+        }
+        None => Box::new(load_learner_client(&args)?),
+    };
+    let batch = Scalar::I64(args.train.batch_size as i64);
+    tracing::info!(
+        "server-side evaluation on the test split of {}",
+        args.data.dataset
+    );
+    Ok(Box::new(
+        move |round, parameters: &petal_core::Parameters| {
+            if !(round == 0 || round % every == 0 || round == last) {
+                return None;
+            }
+            let ins = petal_core::EvaluateIns {
+                parameters: Arc::new(parameters.clone()),
+                config: [
+                    ("server_round".to_string(), Scalar::I64(round as i64)),
+                    ("batch_size".to_string(), batch.clone()),
+                ]
+                .into(),
+            };
+            match client.evaluate(ins) {
+                Ok(r) => {
+                    let mut metrics: petal_core::Metrics = r
+                        .metrics
+                        .iter()
+                        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                        .collect();
+                    metrics.retain(|_, v| v.is_finite());
+                    tracing::info!(
+                        "server-side evaluation after round {round}: loss {:.4}{}",
+                        r.loss,
+                        metrics
+                            .get("accuracy")
+                            .map_or(String::new(), |a| format!(" accuracy {a:.4}"))
+                    );
+                    Some(petal_core::EvaluateSummary {
+                        loss: Some(f64::from(r.loss)),
+                        metrics,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!("server-side evaluation after round {round} failed: {e}");
+                    None
+                }
+            }
+        },
+    ))
+}
+
 /// Saves each round with the run folder and shows each step's progress: a
 /// bar on a terminal, a log line every 5 s otherwise.
 struct Progress<'a> {
     dir: &'a RunDir,
+    /// Points `runs/latest` here once the first round is saved.
+    latest: std::sync::atomic::AtomicBool,
     bar: Option<indicatif::ProgressBar>,
     step: std::sync::Mutex<(String, std::time::Instant)>,
 }
 
 impl<'a> Progress<'a> {
-    fn new(dir: &'a RunDir) -> Self {
+    fn new(dir: &'a RunDir, latest: bool) -> Self {
         let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let bar = indicatif::ProgressBar::hidden();
             bar.set_style(
@@ -248,6 +424,7 @@ impl<'a> Progress<'a> {
         });
         Progress {
             dir,
+            latest: std::sync::atomic::AtomicBool::new(latest),
             bar,
             step: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
         }
@@ -266,7 +443,14 @@ impl RoundObserver for Progress<'_> {
         history: &History,
         checkpoint: &petal_core::Checkpoint,
     ) -> Result<(), CoreError> {
-        self.dir.round_done(history, checkpoint)
+        self.dir.round_done(history, checkpoint)?;
+        if self
+            .latest
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            point_latest(self.dir.path());
+        }
+        Ok(())
     }
 
     fn step_started(&self, round: u64, phase: petal_core::Phase, clients: usize) {
@@ -316,6 +500,7 @@ fn load_partition(args: &LearnerArgs) -> anyhow::Result<Splits> {
     }
     let data = args.data.spec()?.load_partition(
         args.data.data_dir.as_deref(),
+        args.data.partition,
         args.partition_id,
         args.num_partitions,
         args.data.data_seed,
@@ -411,6 +596,28 @@ fn build_clients(
     slots: usize,
     cache: &Path,
 ) -> anyhow::Result<Vec<Box<dyn petal_core::Client>>> {
+    // Every client honours a server's `clipping_norm` (central DP with
+    // client-side clipping), whatever its learner.
+    Ok(
+        learner_clients(learner, ids, isolation, worker_timeout, slots, cache)?
+            .into_iter()
+            .map(|c| {
+                Box::new(petal_core::strategy::ClippingClient::new(c))
+                    as Box<dyn petal_core::Client>
+            })
+            .collect(),
+    )
+}
+
+/// The clients of [`build_clients`], before clipping.
+fn learner_clients(
+    learner: &LearnerArgs,
+    ids: std::ops::Range<usize>,
+    isolation: Isolation,
+    worker_timeout: Option<f64>,
+    slots: usize,
+    cache: &Path,
+) -> anyhow::Result<Vec<Box<dyn petal_core::Client>>> {
     if let Some(python) = learner.python_spec() {
         let mode = match isolation {
             Isolation::Subprocess => petal_python::Mode::Fork,
@@ -461,6 +668,7 @@ fn build_clients(
     let load = || {
         spec.load_partitions(
             learner.data.data_dir.as_deref(),
+            learner.data.partition,
             ids.clone(),
             learner.num_partitions,
             learner.data.data_seed,
@@ -469,7 +677,9 @@ fn build_clients(
     match isolation {
         Isolation::Subprocess => {
             let exe = std::env::current_exe().context("locating the petal executable")?;
-            if !matches!(spec, DatasetSpec::Synthetic(_)) {
+            let generated = matches!(spec, DatasetSpec::Synthetic(_))
+                && learner.data.partition == PartitionScheme::Iid;
+            if !generated {
                 for (id, part) in ids.clone().zip(load()?) {
                     part.save(&cache.join(format!("partition-{id}.bin")))?;
                 }
@@ -492,7 +702,7 @@ fn build_clients(
         }
         Isolation::None => {
             let (parts, classes): (Vec<PartitionData>, usize) = match &spec {
-                DatasetSpec::Synthetic(s) => (
+                DatasetSpec::Synthetic(s) if learner.data.partition == PartitionScheme::Iid => (
                     ids.map(|id| PartitionData::Synthetic {
                         spec: s.clone(),
                         id,
@@ -505,7 +715,10 @@ fn build_clients(
                         .into_iter()
                         .map(|p| PartitionData::Loaded(Arc::new(p)))
                         .collect(),
-                    10,
+                    match &spec {
+                        DatasetSpec::Synthetic(s) => s.num_classes,
+                        _ => 10,
+                    },
                 ),
             };
             let (shape, seed, threads) = (learner.data.shape(), learner.seed, learner.threads());
@@ -596,8 +809,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     // Every client process connects from this machine.
     options.max_connections_per_ip = options.max_connections_per_ip.max(processes + 16);
     let registry = Arc::new(Registry::new());
+    let prepared = prepare(&fed, &args.learner)?;
     let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
-    let (run_dir, resume) = open_run_dir(&fed.round)?;
+    let mut run = open_run_dir(&fed.round)?;
+    let resume = run.resume.take();
     let addr = grpc.local_addr();
 
     let exe = std::env::current_exe().context("locating the petal executable")?;
@@ -655,7 +870,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     // the death is reported when the run ends. When none is left, nothing
     // can join any more and the run stops.
     let mut died: Vec<String> = Vec::new();
-    let federation = federate(&registry, &run_dir, resume, &fed, &args.learner.train);
+    let federation = federate(&registry, &run, resume, prepared);
     tokio::pin!(federation);
     let history = loop {
         tokio::select! {
@@ -676,7 +891,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
                         "every client process exited before the run finished ({})",
                         died.join(", ")
                     );
-                    run_dir.finish(RunStatus::Failed(why.clone()))?;
+                    let h = run.dir.finish(RunStatus::Failed(why.clone()))?;
+                    run.discard_if_empty(Some(&h));
                     grpc.shutdown(Duration::from_secs(3)).await?;
                     bail!(why);
                 }

@@ -5,14 +5,15 @@
 mod args;
 mod bench;
 mod commands;
+mod settings;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 
-use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs};
+use crate::args::{FederationArgs, LearnerArgs, RoundArgs};
 use crate::commands::Interrupted;
 
 /// Federated learning in Rust, compatible with Flower.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "petal", version, about)]
 struct Cli {
     #[command(subcommand)]
@@ -59,6 +60,10 @@ enum KeysCommand {
 /// `petal node` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
+    /// A TOML file of settings, its keys the long flag names
+    /// (`rounds = 10`, `strategy = "fedprox"`); flags given here win.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// The SuperLink's Fleet API, host:port.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub superlink: String,
@@ -121,13 +126,19 @@ pub struct WorkerArgs {
 /// `petal server` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
+    /// A TOML file of settings, its keys the long flag names
+    /// (`rounds = 10`, `strategy = "fedprox"`); flags given here win.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub address: std::net::SocketAddr,
     #[command(flatten)]
     pub federation: FederationArgs,
+    /// The training settings sent to clients, and the learner and data the
+    /// server evaluates with (--server-eval).
     #[command(flatten)]
-    pub train: TrainArgs,
+    pub learner: LearnerArgs,
 }
 
 /// How a client runs its training steps.
@@ -142,6 +153,10 @@ pub enum Isolation {
 /// `petal client` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
+    /// A TOML file of settings, its keys the long flag names
+    /// (`rounds = 10`, `strategy = "fedprox"`); flags given here win.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// Server address, host:port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub server: String,
@@ -173,6 +188,10 @@ pub struct ClientArgs {
 /// `petal run` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
+    /// A TOML file of settings, its keys the long flag names
+    /// (`rounds = 10`, `strategy = "fedprox"`); flags given here win.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// Client processes to start.
     #[arg(long, default_value_t = 2)]
     pub clients: usize,
@@ -208,8 +227,45 @@ pub struct RunArgs {
     pub learner: LearnerArgs,
 }
 
+/// The command line, with every subcommand letting a later flag override
+/// an earlier one (a config file's or a resumed run's settings come first).
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for n in names {
+        cmd = cmd.mut_subcommand(n, |s| s.args_override_self(true));
+    }
+    cmd
+}
+
+/// Parses the command line, a `--config` file and a resumed run's
+/// settings; exits with clap's message on a usage error.
+fn parse() -> anyhow::Result<Cli> {
+    let cmd = command();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv = settings::expand_config_file(&cmd, argv)?;
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&argv)
+        .unwrap_or_else(|e| e.exit());
+    let resumed = settings::resume_args(&cmd, &matches, argv.clone())?;
+    let matches = if resumed != argv {
+        cmd.clone()
+            .try_get_matches_from(&resumed)
+            .unwrap_or_else(|e| e.exit())
+    } else {
+        matches
+    };
+    if let Some(r) = settings::record(&cmd, &matches) {
+        let _ = settings::RECORDED.set(r);
+    }
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -218,6 +274,13 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let cli = match parse() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Worker(args) => commands::worker(&args.learner_config),
         Command::Bench(BenchCommand::Train(args)) => bench::train(&args),
