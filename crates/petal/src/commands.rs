@@ -289,7 +289,7 @@ async fn federate(
         min_available_clients,
         run_dir.path().display()
     );
-    let observer = Progress::new(run_dir, run.default);
+    let observer = Progress::new(run_dir, run.default, config.num_rounds);
     let outcome = tokio::select! {
         r = run_federation(registry, &mut *strategy, &config, resume, &observer) => Some(r),
         _ = shutdown_signal() => None,
@@ -403,6 +403,7 @@ fn server_evaluation(
 /// bar on a terminal, a log line every 5 s otherwise.
 struct Progress<'a> {
     dir: &'a RunDir,
+    rounds: u64,
     /// Points `runs/latest` here once the first round is saved.
     latest: std::sync::atomic::AtomicBool,
     bar: Option<indicatif::ProgressBar>,
@@ -410,7 +411,7 @@ struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    fn new(dir: &'a RunDir, latest: bool) -> Self {
+    fn new(dir: &'a RunDir, latest: bool, rounds: u64) -> Self {
         let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let bar = indicatif::ProgressBar::hidden();
             bar.set_style(
@@ -424,6 +425,7 @@ impl<'a> Progress<'a> {
         });
         Progress {
             dir,
+            rounds,
             latest: std::sync::atomic::AtomicBool::new(latest),
             bar,
             step: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
@@ -454,12 +456,15 @@ impl RoundObserver for Progress<'_> {
     }
 
     fn step_started(&self, round: u64, phase: petal_core::Phase, clients: usize) {
-        let name = format!("round {round} {}", phase.name());
+        let name = format!("round {round}/{} {}", self.rounds, phase.name());
         if let Some(bar) = &self.bar {
             bar.reset();
             bar.set_length(clients as u64);
             bar.set_prefix(name.clone());
+            bar.set_message(format!("0 results, 0 failures, {clients} outstanding"));
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            // Time moves on the bar while clients train.
+            bar.enable_steady_tick(Duration::from_millis(250));
         }
         *self.step.lock().unwrap_or_else(|e| e.into_inner()) = (name, std::time::Instant::now());
     }
@@ -483,6 +488,7 @@ impl RoundObserver for Progress<'_> {
 
     fn step_finished(&self) {
         if let Some(bar) = &self.bar {
+            bar.disable_steady_tick();
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
     }
@@ -933,6 +939,73 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
                 .join("; "),
         };
         bail!("round {} aggregated no training result ({why})", r.round);
+    }
+    Ok(())
+}
+
+/// `petal partitions`: the partitions of a data set under a scheme, as a
+/// table on stdout and, with `--heatmap`, a picture.
+pub fn partitions(args: &crate::PartitionsArgs) -> anyhow::Result<()> {
+    let n = args.num_partitions;
+    anyhow::ensure!(n >= 1, "--num-partitions must be at least 1");
+    let spec = args.data.spec()?;
+    let scheme = args.data.partition;
+    let parts = spec.load_partitions(
+        args.data.data_dir.as_deref(),
+        scheme,
+        0..n,
+        n,
+        args.data.data_seed,
+    )?;
+    let classes = parts.first().map_or(10, |p| p.train.num_classes);
+    let hist = |labels: &[u8]| {
+        let mut h = vec![0usize; classes];
+        for &l in labels {
+            if let Some(c) = h.get_mut(l as usize) {
+                *c += 1;
+            }
+        }
+        h
+    };
+    println!(
+        "{} in {n} partitions ({scheme}, seed {})",
+        args.data.dataset, args.data.data_seed
+    );
+    println!(
+        "{:>9} {:>7} {:>6}  training examples per class 0..{}",
+        "partition",
+        "train",
+        "test",
+        classes - 1
+    );
+    let mut counts = Vec::with_capacity(n);
+    for (i, p) in parts.iter().enumerate() {
+        let h = hist(&p.train.labels);
+        let cells: Vec<String> = h.iter().map(|c| format!("{c:>5}")).collect();
+        println!(
+            "{i:>9} {:>7} {:>6}  {}",
+            p.train.len(),
+            p.test.len(),
+            cells.join(" ")
+        );
+        counts.push(h);
+    }
+    let sizes: Vec<usize> = parts.iter().map(|p| p.train.len()).collect();
+    let held: Vec<usize> = counts
+        .iter()
+        .map(|h| h.iter().filter(|&&c| c > 0).count())
+        .collect();
+    println!(
+        "sizes: min {} max {}; classes per partition: min {} max {}",
+        sizes.iter().min().unwrap_or(&0),
+        sizes.iter().max().unwrap_or(&0),
+        held.iter().min().unwrap_or(&0),
+        held.iter().max().unwrap_or(&0)
+    );
+    if let Some(out) = &args.heatmap {
+        let title = format!("{} · {n} partitions · {scheme}", args.data.dataset);
+        crate::plot::heatmap(&counts, &title, out)?;
+        println!("wrote {}", out.display());
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod commands;
+mod plot;
 mod settings;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
@@ -16,6 +17,9 @@ use crate::commands::Interrupted;
 #[derive(clap::Parser, Debug)]
 #[command(name = "petal", version, about)]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line, on stderr).
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +37,11 @@ enum Command {
     /// Manage node keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Draw loss and accuracy per round of one or more runs (SVG or PNG).
+    Plot(PlotArgs),
+    /// Show how a data set is cut among clients: counts and label
+    /// histograms per partition, and a heat map.
+    Partitions(PartitionsArgs),
     /// Measure local training speed.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -106,6 +115,46 @@ pub struct NodeArgs {
     pub worker_timeout: Option<f64>,
     #[command(flatten)]
     pub learner: LearnerArgs,
+}
+
+/// `petal plot` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// Run folders (each with a history.json); several share the chart.
+    #[arg(required = true)]
+    pub runs: Vec<std::path::PathBuf>,
+    /// Output file: .svg or .png.
+    #[arg(short, long)]
+    pub output: std::path::PathBuf,
+    /// Width and height in pixels.
+    #[arg(long, default_value = "1200x480", value_parser = parse_size)]
+    pub size: (u32, u32),
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
+    let n = |v: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|x| (100..=8000).contains(x))
+            .ok_or_else(|| format!("'{v}' is not a size in 100..=8000"))
+    };
+    Ok((n(w)?, n(h)?))
+}
+
+/// `petal partitions` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PartitionsArgs {
+    #[command(flatten)]
+    pub data: args::DataArgs,
+    /// Number of partitions (clients).
+    #[arg(long)]
+    pub num_partitions: usize,
+    /// Also draw the partitions × classes counts as a heat map (.svg or .png).
+    #[arg(long)]
+    pub heatmap: Option<std::path::PathBuf>,
 }
 
 /// `petal bench` subcommands.
@@ -265,15 +314,31 @@ fn parse() -> anyhow::Result<Cli> {
     Cli::from_arg_matches(&matches).map_err(|e| e.exit())
 }
 
-fn main() -> std::process::ExitCode {
+/// Logs to stderr: readable lines, or one JSON object per line with
+/// `--log-format json` (read before the rest of the command line, so that
+/// parsing a config file or a resumed run's settings can log too).
+fn init_logs() {
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    if json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    init_logs();
     let cli = match parse() {
         Ok(c) => c,
         Err(e) => {
@@ -285,6 +350,8 @@ fn main() -> std::process::ExitCode {
         Command::Worker(args) => commands::worker(&args.learner_config),
         Command::Bench(BenchCommand::Train(args)) => bench::train(&args),
         Command::Keys(KeysCommand::Generate { out, force }) => commands::keys_generate(&out, force),
+        Command::Plot(a) => plot::plot(&a.runs, &a.output, a.size),
+        Command::Partitions(a) => commands::partitions(&a),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -296,7 +363,11 @@ fn main() -> std::process::ExitCode {
                         Command::Client(a) => commands::client(&a).await,
                         Command::Run(a) => commands::run(&a).await,
                         Command::Node(a) => commands::node(&a).await,
-                        Command::Worker(_) | Command::Bench(_) | Command::Keys(_) => {
+                        Command::Worker(_)
+                        | Command::Bench(_)
+                        | Command::Keys(_)
+                        | Command::Plot(_)
+                        | Command::Partitions(_) => {
                             unreachable!("handled above")
                         }
                     }

@@ -210,3 +210,47 @@ fn petal_clients_join_a_flower_server() {
     assert_eq!(acc.len(), 2, "{h}");
     assert!(losses.iter().all(|l| l[1].as_f64().unwrap().is_finite()));
 }
+
+/// A Flower FedProx server drives Petal clients: they apply the
+/// `proximal_mu` it sends, so with mu = 10 their aggregate moves much
+/// less from the initial model than with mu = 0 (same seeds, same data).
+#[test]
+fn a_flower_fedprox_server_drives_petal_clients() {
+    if skip() {
+        return;
+    }
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let moved = |mu: &str| -> f64 {
+        let out = dir.path().join(format!("fedprox-{mu}.json"));
+        let addr = format!("127.0.0.1:{}", support::free_port());
+        let mut server = no_proxy(Command::new(&py))
+            .arg(script("fedprox_server.py"))
+            .args([&addr, mu, out.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let mut clients: Vec<Child> = (0..2)
+            .map(|i| {
+                Command::new(support::petal_bin())
+                    .args(["client", "--server", &addr, "--connect-attempts", "20"])
+                    .args(["--dataset", "synthetic", "--synthetic-shape", "1x16x16"])
+                    .args(["--partition-id", &i.to_string(), "--num-partitions", "2"])
+                    .args(["--isolation", "none"])
+                    .env("RUST_LOG", "warn")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let status = wait(&mut server, "flower server", Duration::from_secs(180));
+        assert!(status.success(), "flower server failed");
+        for c in &mut clients {
+            assert!(wait(c, "petal client", Duration::from_secs(30)).success());
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(r["failures"], 0, "{r}");
+        r["distance"].as_f64().unwrap()
+    };
+    let (plain, prox) = (moved("0.0"), moved("10.0"));
+    assert!(prox < 0.7 * plain, "mu 10 moved {prox}, mu 0 moved {plain}");
+}
