@@ -43,6 +43,9 @@ fn font() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// Points of a curve: (round, value).
+type Points = Vec<(f64, f64)>;
+
 /// One curve: a label and its points.
 struct Series {
     label: String,
@@ -177,7 +180,7 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
-    let pick = |f: &dyn Fn(&Run) -> (&Vec<(f64, f64)>, &Vec<(f64, f64)>)| -> Vec<(usize, Series)> {
+    let pick = |f: &dyn Fn(&Run) -> (&Points, &Points)| -> Vec<(usize, Series)> {
         let mut out = Vec::new();
         for (i, r) in runs.iter().enumerate() {
             let (fed, central) = f(r);
