@@ -389,3 +389,58 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file in `examples/configs` parses, names only real flags, and
+    /// builds its strategy (and DP wrapper) as `petal run` would.
+    #[test]
+    fn example_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/configs") {
+            let path = entry.expect("entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let argv: Vec<std::ffi::OsString> = vec![
+                "petal".into(),
+                "run".into(),
+                "--config".into(),
+                path.clone().into(),
+            ];
+            let cmd = command();
+            let argv = settings::expand_config_file(&cmd, argv)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let matches = cmd
+                .try_get_matches_from(&argv)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let Ok(Cli {
+                command: Command::Run(run),
+                ..
+            }) = Cli::from_arg_matches(&matches)
+            else {
+                panic!("{}: not a run", path.display());
+            };
+            let s = &run.round.strategy;
+            let spec = s
+                .spec()
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("");
+            if let Some(dp) = name.strip_prefix("dp-") {
+                let dp_spec = s.dp(run.clients, 0).expect("dp").expect("a DP wrapper");
+                let want: petal_core::strategy::DpMode = dp.parse().expect("a DP mode");
+                assert_eq!(dp_spec.mode, want, "{}", path.display());
+            } else {
+                assert_eq!(spec.name(), name, "{}", path.display());
+            }
+            run.learner
+                .validate()
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            seen += 1;
+        }
+        assert!(seen >= 10, "only {seen} example configs");
+    }
+}

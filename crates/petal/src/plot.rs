@@ -115,6 +115,7 @@ fn panel<DB: DrawingBackend>(
     title: &str,
     y_label: &str,
     series: &[(usize, Series)],
+    legend: SeriesLabelPosition,
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -138,6 +139,14 @@ where
     chart
         .configure_mesh()
         .x_desc("round")
+        .x_label_formatter(&|x| {
+            // Rounds are whole numbers: label only those.
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{}", x.round())
+            } else {
+                String::new()
+            }
+        })
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()
@@ -168,7 +177,7 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
@@ -212,12 +221,14 @@ where
         "Loss",
         "loss",
         &pick(&|r| (&r.loss, &r.central_loss)),
+        SeriesLabelPosition::UpperRight,
     )?;
     panel(
         &right,
         "Accuracy",
         "accuracy",
         &pick(&|r| (&r.accuracy, &r.central_accuracy)),
+        SeriesLabelPosition::LowerRight,
     )?;
     root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok(())
@@ -280,11 +291,23 @@ pub fn heatmap(counts: &[Vec<usize>], title: &str, out: &Path) -> anyhow::Result
             .margin(10)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0..cols, 0..rows)
+            .build_cartesian_2d(-0.5..cols as f64 - 0.5, -0.5..rows as f64 - 0.5)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        // Cells are centred on whole numbers: label only those.
+        let whole = |v: &f64| {
+            if (v - v.round()).abs() < 1e-9 {
+                format!("{}", v.round())
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .disable_mesh()
+            .x_labels(cols.min(40))
+            .y_labels(rows.min(40))
+            .x_label_formatter(&whole)
+            .y_label_formatter(&whole)
             .x_desc("class")
             .y_desc("partition")
             .label_style(("sans-serif", 13))
@@ -295,8 +318,9 @@ pub fn heatmap(counts: &[Vec<usize>], title: &str, out: &Path) -> anyhow::Result
                 row.iter().enumerate().map(move |(c, &n)| {
                     let v = (n as f64 / max).sqrt();
                     let shade = (255.0 * (1.0 - v)) as u8;
+                    let (c, p) = (c as f64, p as f64);
                     Rectangle::new(
-                        [(c, p), (c + 1, p + 1)],
+                        [(c - 0.5, p - 0.5), (c + 0.5, p + 0.5)],
                         RGBColor(shade, shade, 255).filled(),
                     )
                 })

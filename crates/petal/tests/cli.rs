@@ -330,3 +330,135 @@ fn noop_clients_measure_the_framework() {
     );
     assert_eq!(r["loss"], 0.0);
 }
+
+/// Parses `petal partitions`' table: per partition (train, test, per-class counts).
+fn partition_table(out: &str) -> Vec<(usize, usize, Vec<usize>)> {
+    out.lines()
+        .filter_map(|l| {
+            let v: Vec<usize> = l
+                .split_whitespace()
+                .map(|w| w.parse().ok())
+                .collect::<Option<_>>()?;
+            (v.len() > 3).then(|| (v[1], v[2], v[3..].to_vec()))
+        })
+        .collect()
+}
+
+#[test]
+fn partitions_are_shown_per_class_and_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tables = Vec::new();
+    for scheme in ["iid", "dirichlet:0.1", "shards:2"] {
+        let o = petal(&[
+            "partitions",
+            "--dataset",
+            "synthetic",
+            "--num-partitions",
+            "5",
+            "--partition",
+            scheme,
+        ]);
+        assert!(o.status.success(), "{scheme}: {}", stderr(&o));
+        let t = partition_table(&String::from_utf8_lossy(&o.stdout));
+        assert_eq!(t.len(), 5, "{scheme}: {t:?}");
+        for (train, test, classes) in &t {
+            assert_eq!(classes.len(), 10, "{scheme}");
+            assert_eq!(classes.iter().sum::<usize>(), *train, "{scheme}");
+            assert!(*test > 0, "{scheme}: every partition gets test images");
+        }
+        tables.push(t);
+    }
+    let total = |t: &[(usize, usize, Vec<usize>)]| t.iter().map(|r| r.0).sum::<usize>();
+    assert_eq!(
+        total(&tables[0]),
+        total(&tables[1]),
+        "every image is dealt once"
+    );
+    let classes_held = |t: &[(usize, usize, Vec<usize>)]| {
+        t.iter()
+            .map(|r| r.2.iter().filter(|&&c| c > 0).count())
+            .min()
+            .unwrap()
+    };
+    assert_eq!(classes_held(&tables[0]), 10, "iid: every class everywhere");
+    assert!(
+        classes_held(&tables[2]) <= 2,
+        "shards:2 gives at most 2 classes"
+    );
+
+    if !require("a TrueType font (fonts-dejavu-core)", font_present()) {
+        return;
+    }
+    let map = dir.path().join("map.svg");
+    let o = petal(&[
+        "partitions",
+        "--dataset",
+        "synthetic",
+        "--num-partitions",
+        "5",
+        "--heatmap",
+        map.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(&map).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<rect"),
+        "{svg:.200}"
+    );
+}
+
+fn font_present() -> bool {
+    std::env::var_os("PETAL_FONT").is_some()
+        || Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file()
+}
+
+#[test]
+fn runs_are_plotted_as_svg_and_png() {
+    if !require("a TrueType font (fonts-dejavu-core)", font_present()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("fedavg-run");
+    let o = petal(&[
+        "run",
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--dataset",
+        "synthetic",
+        "--synthetic-shape",
+        "1x16x16",
+        "--isolation",
+        "none",
+        "--server-eval",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = dir.path().join("p.svg");
+    let o = petal(&["plot", run.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("fedavg-run (federated)"), "{text:.300}");
+    assert!(text.contains("fedavg-run (centralized)"), "{text:.300}");
+    let png = dir.path().join("p.png");
+    let o = petal(&[
+        "plot",
+        run.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--size",
+        "400x300",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+
+    let o = petal(&["plot", "/nonexistent/run", "-o", svg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/run"), "{}", stderr(&o));
+    let o = petal(&["plot", run.to_str().unwrap(), "-o", "/tmp/x.gif"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(".gif"), "{}", stderr(&o));
+}
