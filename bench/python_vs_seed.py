@@ -11,9 +11,10 @@ and the script prints, per system: the median wall time of a whole run
 (start to the server's exit), the final accuracy, the median per-step
 overhead (a step's time seen by the client minus the time spent in the
 learner's fit or evaluate: process start, imports, data, transfer), and
-the ratio Petal / seed of the wall times. Then the idle memory of one
-client (its process tree: RSS and PSS, from /proc) waiting for a server
-that never starts a round. Writes bench/results/python_vs_seed.json.
+the ratio Petal / seed of the wall times. Then the idle memory of 1 and of
+10 clients (every process with its children: RSS, PSS and anonymous
+memory, from /proc) waiting for a server that never starts a round: the
+seed runs a Python client per client, Petal one process for all of them. Writes bench/results/python_vs_seed.json.
 """
 import argparse
 import json
@@ -105,33 +106,52 @@ def tree(pid):
 
 
 def memory(pids):
-    rss = pss = 0.0
+    """RSS, PSS and anonymous memory (MB) summed over `pids`: PSS shares
+    pages mapped by several processes; anonymous memory is what the
+    processes really hold (file-backed pages such as libtorch's code can be
+    dropped and re-read)."""
+    keys = {"Rss:": 0, "Pss:": 1, "Anonymous:": 2}
+    total = [0.0, 0.0, 0.0]
     for pid in pids:
         try:
             for line in open(f"/proc/{pid}/smaps_rollup"):
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) / 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) / 1024
+                k = line.split()[0]
+                if k in keys:
+                    total[keys[k]] += int(line.split()[1]) / 1024
         except OSError:
             pass
-    return round(rss, 1), round(pss, 1)
+    return {"rss": round(total[0], 1), "pss": round(total[1], 1), "anon": round(total[2], 1)}
 
 
-def idle(cmd_server, cmd_client):
-    """Memory (RSS, PSS in MB) of a client process alone and of its whole
-    tree, connected to a server waiting for more clients."""
+def idle(cmd_server, cmd_clients):
+    """Memory of idle clients (each process with its children), connected
+    to a server waiting for more clients than there are."""
     server = subprocess.Popen(cmd_server, env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     time.sleep(2.0)
-    client = subprocess.Popen(cmd_client, env=env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(12.0)
-    mem = {"process": memory([client.pid]), "tree": memory(tree(client.pid))}
-    for p in (client, server):
+    clients = [subprocess.Popen(c, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for c in cmd_clients]
+    time.sleep(15.0)
+    mem = memory([p for c in clients for p in tree(c.pid)])
+    for p in clients + [server]:
         p.kill()
         p.wait()
     return mem
+
+
+def idle_both(a, logdir, n):
+    """Idle memory of n clients: the seed's n Python clients, and one Petal
+    client process hosting n logical clients (`--clients n`)."""
+    addr = f"127.0.0.1:{free_port()}"
+    seed = idle([a.python, SEED, "server", addr, str(n + 1), str(n + 1), "1"],
+                [[a.python, SEED, "client", addr, str(i), str(n)] for i in range(n)])
+    port = free_port()
+    petal = idle([a.petal, "server", "--address", f"127.0.0.1:{port}",
+                  "--min-available-clients", str(n + 1), "--fit-clients", "1", "--out",
+                  str(logdir / f"idle-{time.time_ns()}")],
+                 [[a.petal, "client", "--server", f"127.0.0.1:{port}", "--learner", LEARNER,
+                   "--python", a.python, "--clients", str(n), "--num-partitions", str(n)]])
+    return {"seed": seed, "petal": petal}
 
 
 def main():
@@ -171,22 +191,24 @@ def main():
             print(f"| {c} | {name} | {r['median_wall_s']} | {r['accuracy'][-1]} | "
                   f"{r['median_step_overhead_ms']} | {'' if name == 'seed' else f'{ratio:.2f}'} |",
                   flush=True)
-    addr = f"127.0.0.1:{free_port()}"
-    seed_idle = idle([a.python, SEED, "server", addr, "3", "3", "1"],
-                     [a.python, SEED, "client", addr, "0", "3"])
-    port = free_port()
-    petal_idle = idle([a.petal, "server", "--address", f"127.0.0.1:{port}",
-                       "--min-available-clients", "3", "--fit-clients", "1", "--out",
-                       str(logdir / f"idle-{time.time_ns()}")],
-                      [a.petal, "client", "--server", f"127.0.0.1:{port}", "--learner", LEARNER,
-                       "--python", a.python, "--num-partitions", "3"])
-    for name, m in (("seed", seed_idle), ("petal", petal_idle)):
-        print(f"idle {name} client: process RSS {m['process'][0]} MB; with its children "
-              f"RSS {m['tree'][0]} MB, PSS {m['tree'][1]} MB")
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    idle_mb = {}
+    print("| idle clients | system | RSS MB | PSS MB | anonymous MB |")
+    print("|---|---|---|---|---|")
+    for n in (1, 10):
+        idle_mb[n] = idle_both(a, logdir, n)
+        for name in ("seed", "petal"):
+            m = idle_mb[n][name]
+            print(f"| {n} | {name} | {m['rss']} | {m['pss']} | {m['anon']} |", flush=True)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = {"cpu": cpu, "cores": os.cpu_count()}
     out = ROOT / "bench/results/python_vs_seed.json"
     out.write_text(json.dumps({"machine": machine, "results": results,
-                               "idle_client_mb": {"seed": seed_idle, "petal": petal_idle}},
+                               "idle_mb": idle_mb},
                               indent=1) + "\n")
     return 0
 
