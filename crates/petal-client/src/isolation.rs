@@ -83,6 +83,7 @@ impl SubprocessClient {
         let mut child = cmd
             .spawn()
             .map_err(|e| worker_err(format!("cannot start {}: {e}", self.program.display())))?;
+        petal_core::process_groups::track(child.id());
         let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
             kill_group(&mut child);
             let _ = child.wait();
@@ -231,9 +232,10 @@ fn has_exited(_child: &Child) -> bool {
     false
 }
 
-/// Kills the worker and everything it started.
+/// Kills the worker and everything it started (before it is reaped).
 #[cfg(unix)]
 fn kill_group(child: &mut Child) {
+    petal_core::process_groups::untrack(child.id());
     if let Ok(pid) = i32::try_from(child.id()) {
         // SAFETY: signals the worker's own process group (it was spawned
         // as its leader and is not yet reaped).
@@ -245,7 +247,28 @@ fn kill_group(child: &mut Child) {
 
 #[cfg(not(unix))]
 fn kill_group(child: &mut Child) {
+    petal_core::process_groups::untrack(child.id());
     let _ = child.kill();
+}
+
+/// Kills every worker process group this process has started and not yet
+/// reaped (Python learners' included): what a client does when it is told
+/// to stop. Their callers then see the workers die and fail their steps.
+pub fn kill_worker_groups() {
+    petal_core::process_groups::set_stopping();
+    for pid in petal_core::process_groups::tracked() {
+        #[cfg(unix)]
+        if let Ok(pid) = i32::try_from(pid) {
+            // SAFETY: `pid` leads a group this process spawned and has not
+            // reaped (groups are untracked before their leader is reaped),
+            // so the id cannot have been reused by another process.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = pid;
+    }
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
@@ -325,8 +348,8 @@ pub fn serve_worker<C: Client>(
         .msg
         .ok_or_else(|| worker_err("empty instruction"))?;
     let reply = match make_client() {
-        Ok(mut client) => crate::runtime::answer(msg, &mut client),
-        Err(e) => crate::runtime::answer(msg, &mut Unavailable(e.to_string())),
+        Ok(mut client) => crate::runtime::answer(msg, &mut client, true),
+        Err(e) => crate::runtime::answer(msg, &mut Unavailable(e.to_string()), true),
     }
     .ok_or_else(|| worker_err("workers only answer get_parameters, fit and evaluate"))?;
     output

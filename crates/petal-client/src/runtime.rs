@@ -219,8 +219,8 @@ async fn session<C: Client + 'static>(
     slots: &Semaphore,
 ) -> Ended {
     let (tx, rx) = mpsc::channel::<Vec<Bytes>>(2);
-    let mut inbound = match join(channel, rx, opts.max_message_bytes).await {
-        Ok(reader) => reader,
+    let (mut inbound, petal) = match join(channel, rx, opts.max_message_bytes).await {
+        Ok(joined) => joined,
         Err(reason) => {
             return Ended::Lost {
                 reason: format!("join refused: {reason}"),
@@ -282,16 +282,17 @@ async fn session<C: Client + 'static>(
         };
         let kind = Kind::of(&msg);
         let joined = tokio::task::spawn_blocking(move || {
-            let reply = std::panic::catch_unwind(AssertUnwindSafe(|| answer(msg, &mut client)))
-                .unwrap_or_else(|p| {
-                    let why = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    tracing::error!("the client panicked: {why}");
-                    Some(kind.failure(format!("the client panicked: {why}")))
-                });
+            let reply =
+                std::panic::catch_unwind(AssertUnwindSafe(|| answer(msg, &mut client, petal)))
+                    .unwrap_or_else(|p| {
+                        let why = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!("the client panicked: {why}");
+                        Some(kind.failure(format!("the client panicked: {why}"), petal))
+                    });
             (client, reply)
         })
         .await;
@@ -315,7 +316,7 @@ async fn join(
     channel: Channel,
     rx: mpsc::Receiver<Vec<Bytes>>,
     max_message_bytes: usize,
-) -> Result<MessageReader<tonic::body::Body>, String> {
+) -> Result<(MessageReader<tonic::body::Body>, bool), String> {
     use tonic::codegen::Service;
     use tonic::codegen::http::{HeaderValue, Method, Request};
     let mut req = Request::new(tonic::body::Body::new(ChunkBody::new(rx, false)));
@@ -347,7 +348,13 @@ async fn join(
             .unwrap_or("");
         return Err(format!("gRPC status {code:?}: {msg}"));
     }
-    Ok(MessageReader::new(response.into_body(), max_message_bytes))
+    let petal = response
+        .headers()
+        .contains_key(wire::PETAL_ERROR_CODES_HEADER);
+    Ok((
+        MessageReader::new(response.into_body(), max_message_bytes),
+        petal,
+    ))
 }
 
 /// The kind of an instruction, to build the matching failure reply.
@@ -369,34 +376,43 @@ impl Kind {
         }
     }
 
-    /// A non-OK reply of this kind: Flower's servers count it as a failure.
-    fn failure(self, why: String) -> cm::Msg {
+    /// A non-OK reply of this kind: [`wire::CLIENT_ERROR_CODE`] for a
+    /// Petal server (`petal`), else the call's `*_NOT_IMPLEMENTED`, the only
+    /// failure Flower's servers know.
+    fn failure(self, why: String, petal: bool) -> cm::Msg {
         use flwr::Code;
+        let status = |code: Code| {
+            if petal {
+                wire::client_error(why.clone())
+            } else {
+                wire::status(code, why.clone())
+            }
+        };
         match self {
             Kind::Properties => cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
-                status: wire::status(Code::GetPropertiesNotImplemented, why),
+                status: status(Code::GetPropertiesNotImplemented),
                 properties: Default::default(),
             }),
             Kind::Parameters => cm::Msg::GetParametersRes(cm::GetParametersRes {
-                status: wire::status(Code::GetParametersNotImplemented, why),
+                status: status(Code::GetParametersNotImplemented),
                 parameters: None,
             }),
             Kind::Fit => cm::Msg::FitRes(cm::FitRes {
-                status: wire::status(Code::FitNotImplemented, why),
+                status: status(Code::FitNotImplemented),
                 ..Default::default()
             }),
             Kind::Evaluate => cm::Msg::EvaluateRes(cm::EvaluateRes {
-                status: wire::status(Code::EvaluateNotImplemented, why),
+                status: status(Code::EvaluateNotImplemented),
                 ..Default::default()
             }),
         }
     }
 }
 
-/// Answers one instruction with `client`. Errors become a non-OK status,
-/// which Flower servers count as a failure. Returns `None` for
-/// `ReconnectIns`, which the caller handles.
-pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
+/// Answers one instruction with `client`. Errors become a non-OK status
+/// (see [`Kind::failure`] for `petal`), which servers count as a failure.
+/// Returns `None` for `ReconnectIns`, which the caller handles.
+pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client, petal: bool) -> Option<cm::Msg> {
     Some(match msg {
         sm::Msg::ReconnectIns(_) => return None,
         sm::Msg::GetPropertiesIns(ins) => {
@@ -407,8 +423,10 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
                     properties: wire::config_to_proto(&p),
                 }),
                 Err(e) => {
-                    tracing::error!("get_properties failed: {e}");
-                    Kind::Properties.failure(e.to_string())
+                    if !petal_core::process_groups::stopping() {
+                        tracing::error!("get_properties failed: {e}");
+                    }
+                    Kind::Properties.failure(e.to_string(), petal)
                 }
             }
         }
@@ -417,8 +435,10 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
             match client.get_parameters(&config) {
                 Ok(p) => cm::Msg::GetParametersRes(wire::get_parameters_res_to_proto(&p)),
                 Err(e) => {
-                    tracing::error!("get_parameters failed: {e}");
-                    Kind::Parameters.failure(e.to_string())
+                    if !petal_core::process_groups::stopping() {
+                        tracing::error!("get_parameters failed: {e}");
+                    }
+                    Kind::Parameters.failure(e.to_string(), petal)
                 }
             }
         }
@@ -429,8 +449,10 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
             match result {
                 Ok(res) => cm::Msg::FitRes(wire::fit_res_to_proto(&res)),
                 Err(e) => {
-                    tracing::error!("fit failed: {e}");
-                    Kind::Fit.failure(e.to_string())
+                    if !petal_core::process_groups::stopping() {
+                        tracing::error!("fit failed: {e}");
+                    }
+                    Kind::Fit.failure(e.to_string(), petal)
                 }
             }
         }
@@ -441,8 +463,10 @@ pub(crate) fn answer(msg: sm::Msg, client: &mut dyn Client) -> Option<cm::Msg> {
             match result {
                 Ok(res) => cm::Msg::EvaluateRes(wire::evaluate_res_to_proto(&res)),
                 Err(e) => {
-                    tracing::error!("evaluate failed: {e}");
-                    Kind::Evaluate.failure(e.to_string())
+                    if !petal_core::process_groups::stopping() {
+                        tracing::error!("evaluate failed: {e}");
+                    }
+                    Kind::Evaluate.failure(e.to_string(), petal)
                 }
             }
         }

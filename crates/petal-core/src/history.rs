@@ -180,8 +180,11 @@ impl History {
         s
     }
 
-    /// A human summary like Flower's, one line per round.
+    /// A human summary like Flower's, one line per round (empty without rounds).
     pub fn summary(&self) -> String {
+        if self.rounds.is_empty() {
+            return String::new();
+        }
         let mut s = String::from("History (distributed loss and accuracy):\n");
         let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
         for r in &self.rounds {

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod client_manager;
 pub mod history;
+pub mod process_groups;
 pub mod round;
 pub mod run_dir;
 pub mod strategy;

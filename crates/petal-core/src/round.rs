@@ -59,6 +59,11 @@ pub struct RunConfig {
     pub sample_seed: u64,
     /// Names of the model's tensors in checkpoints (PyTorch `state_dict` names).
     pub parameter_names: Option<Vec<String>>,
+    /// Give up on the initial model once this many clients failed to give
+    /// one and no other is connected (a run whose clients are all known);
+    /// `None`: wait for clients that can (a server open to anyone, where
+    /// failing peers must not end the run), bounded by `wait_timeout`.
+    pub initial_model_attempts: Option<usize>,
 }
 
 impl Default for RunConfig {
@@ -72,6 +77,7 @@ impl Default for RunConfig {
             in_flight_bytes: Some(DEFAULT_IN_FLIGHT_BYTES),
             sample_seed: 0,
             parameter_names: None,
+            initial_model_attempts: None,
         }
     }
 }
@@ -575,6 +581,18 @@ async fn initial_parameters(
     loop {
         let ids = manager.node_ids();
         let mut fresh: Vec<NodeId> = ids.iter().copied().filter(|n| !tried.contains(n)).collect();
+        if asking.is_empty()
+            && fresh.is_empty()
+            && config
+                .initial_model_attempts
+                .is_some_and(|n| failures.len() >= n.max(1))
+        {
+            return Err(CoreError::NoInitialParameters(format!(
+                "all {} clients asked failed: {}",
+                failures.len(),
+                failures.join("; ")
+            )));
+        }
         while asking.len() < INITIAL_PARAMETERS_AT_ONCE && !fresh.is_empty() {
             let node = fresh.swap_remove(rng.random_range(0..fresh.len()));
             tried.insert(node);

@@ -29,38 +29,52 @@ fn batches_dir(dir: &Path) -> Option<PathBuf> {
         .find(|d| d.join("test_batch.bin").is_file())
 }
 
+/// The folder holding CIFAR-10's batches under `dir`, downloading and
+/// extracting `download` into `dir` first when they are missing. Clients of
+/// one machine may all start with the data missing: one downloads, the
+/// others wait on a lock and then read. A failed download leaves nothing
+/// behind: no lock file, no partial archive, no folder it created.
+pub fn ensure_cifar10(dir: &Path, download: Option<&Remote>) -> Result<PathBuf, DataError> {
+    if let Some(b) = batches_dir(dir) {
+        return Ok(b);
+    }
+    let Some(remote) = download else {
+        return Err(DataError::Missing {
+            what: format!("CIFAR-10 ({DIR}/test_batch.bin)"),
+            looked: dir.display().to_string(),
+            hint: "; pass --download to fetch the official archive, or --data-dir".into(),
+        });
+    };
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let lock_path = dir.join(".cifar-10.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let got = match batches_dir(dir) {
+        Some(b) => Ok(b),
+        None => fetch(remote, &dir.join("cifar-10-binary.tar.gz")).and_then(|archive| {
+            extract(&archive, dir)?;
+            batches_dir(dir).ok_or_else(|| DataError::Corrupt {
+                path: archive.clone(),
+                reason: format!("archive holds no {DIR}/test_batch.bin"),
+            })
+        }),
+    };
+    // Whoever waits on the lock holds the same file and checks again; a
+    // later client finds the batches (or downloads afresh) without it.
+    let _ = std::fs::remove_file(&lock_path);
+    drop(lock);
+    if got.is_err() && created {
+        // Only if empty: never removes anything but what this call made.
+        let _ = std::fs::remove_dir(dir);
+    }
+    got
+}
+
 /// Loads CIFAR-10 from `dir` (or `dir/cifar-10-batches-bin`), downloading
 /// `download` into `dir` first when the files are missing.
 pub fn load_cifar10(dir: &Path, download: Option<&Remote>) -> Result<Splits, DataError> {
-    let batches = match (batches_dir(dir), download) {
-        (Some(b), _) => b,
-        (None, Some(remote)) => {
-            // Clients of one machine may all start with the data missing:
-            // one downloads and extracts, the others wait and then read.
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-            let lock_path = dir.join(".cifar-10.lock");
-            let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
-            lock.lock().map_err(io_err(&lock_path))?;
-            match batches_dir(dir) {
-                Some(b) => b,
-                None => {
-                    let archive = fetch(remote, &dir.join("cifar-10-binary.tar.gz"))?;
-                    extract(&archive, dir)?;
-                    batches_dir(dir).ok_or_else(|| DataError::Corrupt {
-                        path: archive.clone(),
-                        reason: format!("archive holds no {DIR}/test_batch.bin"),
-                    })?
-                }
-            }
-        }
-        (None, None) => {
-            return Err(DataError::Missing {
-                what: format!("CIFAR-10 ({DIR}/test_batch.bin)"),
-                looked: dir.display().to_string(),
-                hint: "; pass --download to fetch the official archive, or --data-dir".into(),
-            });
-        }
-    };
+    let batches = ensure_cifar10(dir, download)?;
     let mut train = empty();
     for i in 1..=5 {
         let p = batches.join(format!("data_batch_{i}.bin"));
@@ -288,7 +302,7 @@ mod tests {
         std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".part") || n.contains("extract"))
+            .filter(|n| n.contains(".part") || n.contains("extract") || n.ends_with(".lock"))
             .collect()
     }
 
@@ -343,6 +357,39 @@ mod tests {
             leftovers(dir.path()).is_empty(),
             "{:?}",
             leftovers(dir.path())
+        );
+    }
+
+    #[test]
+    fn a_failed_download_leaves_nothing_behind() {
+        // The server promises 1,000,000 bytes and closes after 10.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = listener.incoming().next() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ =
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n0123456789");
+            }
+        });
+        let remote = Remote {
+            url: format!("http://{addr}/cifar-10-binary.tar.gz"),
+            checksum: Checksum::Md5("00".into()),
+        };
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let e = ensure_cifar10(&dir, Some(&remote)).unwrap_err().to_string();
+        assert!(e.contains("download of"), "{e}");
+        assert!(!dir.exists(), "the folder it made is removed");
+        // Into a folder that was there: only the folder stays.
+        std::fs::create_dir(&dir).unwrap();
+        let e = ensure_cifar10(&dir, Some(&remote)).unwrap_err().to_string();
+        assert!(e.contains("download of"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing left in it"
         );
     }
 

@@ -116,19 +116,26 @@ pub fn fetch(remote: &Remote, dest: &Path) -> Result<PathBuf, DataError> {
     let mut hasher = Hasher::new(&remote.checksum);
     let mut buf = vec![0u8; 1 << 16];
     let mut received = 0u64;
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| fail(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
+    let copied = loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break file.sync_all().map_err(io_err(&part)),
+            Ok(n) => n,
+            Err(e) => break Err(fail(e.to_string())),
+        };
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(io_err(&part))?;
+        if let Err(e) = file.write_all(&buf[..n]) {
+            break Err(io_err(&part)(e));
+        }
         received += n as u64;
         bar.set_position(received);
-    }
+    };
     bar.finish_and_clear();
-    file.sync_all().map_err(io_err(&part))?;
     drop(file);
+    if let Err(e) = copied {
+        // A cut connection or a full disk leaves no partial file behind.
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
     if let Some(t) = total.filter(|&t| t != received) {
         let _ = std::fs::remove_file(&part);
         return Err(fail(format!("got {received} of {t} bytes")));

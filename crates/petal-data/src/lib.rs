@@ -47,6 +47,8 @@ pub enum DataError {
         expected: String,
         actual: String,
     },
+    #[error("--data-dir {0} does not exist")]
+    NoDataDir(PathBuf),
     #[error("invalid partition: {0}")]
     Partition(String),
     #[error("invalid synthetic spec: {0}")]
@@ -124,13 +126,14 @@ impl ImageSet {
     }
 }
 
+/// Where Fashion-MNIST is looked for: `--data-dir` (and its
+/// `fashion-mnist` folder) when given, never anything else; else Debian's
+/// package.
 fn fashion_dirs(data_dir: Option<&Path>) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = data_dir.map(|d| d.to_path_buf()).into_iter().collect();
-    if let Some(d) = data_dir {
-        dirs.push(d.join("fashion-mnist"));
+    match data_dir {
+        Some(d) => vec![d.to_path_buf(), d.join("fashion-mnist")],
+        None => vec![PathBuf::from(DEBIAN_FASHION_MNIST)],
     }
-    dirs.push(PathBuf::from(DEBIAN_FASHION_MNIST));
-    dirs
 }
 
 fn cifar_dir(data_dir: Option<&Path>) -> PathBuf {
@@ -238,8 +241,8 @@ impl DatasetSpec {
         }
     }
 
-    /// Loads both splits. `data_dir` is searched first; Fashion-MNIST then
-    /// falls back to [`DEBIAN_FASHION_MNIST`].
+    /// Loads both splits from `data_dir`; without one, Fashion-MNIST comes
+    /// from [`DEBIAN_FASHION_MNIST`] and CIFAR-10 from `./data`.
     pub fn load(&self, data_dir: Option<&Path>) -> Result<Splits, DataError> {
         match self {
             DatasetSpec::FashionMnist => idx::load_fashion_mnist(&fashion_dirs(data_dir)),
@@ -259,6 +262,14 @@ impl DatasetSpec {
         data_dir: Option<&Path>,
         num_partitions: usize,
     ) -> Result<Option<(usize, usize)>, DataError> {
+        let downloads = matches!(self, DatasetSpec::Cifar10 { download: Some(_) });
+        if let Some(d) = data_dir
+            && !d.is_dir()
+            && !downloads
+            && !matches!(self, DatasetSpec::Synthetic(_))
+        {
+            return Err(DataError::NoDataDir(d.to_path_buf()));
+        }
         let sizes = match self {
             DatasetSpec::FashionMnist => Some(idx::count_fashion_mnist(&fashion_dirs(data_dir))?),
             DatasetSpec::Cifar10 { download } => {
@@ -289,6 +300,19 @@ impl DatasetSpec {
             }
         }
         Ok(sizes)
+    }
+
+    /// Fetches what `--download` asks for and is missing, so that a run
+    /// downloads once, before its clients start, and a failed download
+    /// fails the run before anything is written.
+    pub fn fetch_missing(&self, data_dir: Option<&Path>) -> Result<(), DataError> {
+        if let DatasetSpec::Cifar10 {
+            download: Some(remote),
+        } = self
+        {
+            cifar::ensure_cifar10(&cifar_dir(data_dir), Some(remote))?;
+        }
+        Ok(())
     }
 
     /// Partition `id` of `num` under `scheme` (seeded). Synthetic data

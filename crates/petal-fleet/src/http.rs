@@ -28,9 +28,37 @@ pub enum FleetError {
     /// The reply was not the expected protobuf message.
     #[error("malformed reply to {rpc}: {reason}")]
     Malformed { rpc: String, reason: String },
-    /// A setting is wrong (address, certificates).
+    /// A setting is wrong (address, certificates), or the two sides do not
+    /// agree on TLS.
     #[error("{0}")]
     Config(String),
+}
+
+/// A transport error, with what to do when it shows the node and the
+/// SuperLink disagree on TLS: a TLS node reading a plain-HTTP reply is a
+/// setting error (retrying cannot help); a plain node whose connection is
+/// dropped may be talking to a TLS port, which the error then says.
+fn transport_error(e: &ureq::Error, superlink: &str, insecure: bool) -> FleetError {
+    let text = e.to_string();
+    if !insecure && (text.contains("InvalidContentType") || text.contains("corrupt message")) {
+        return FleetError::Config(format!(
+            "the SuperLink at {superlink} speaks plain HTTP, not TLS ({text}): start this node \
+             with --insecure, or the SuperLink with TLS certificates"
+        ));
+    }
+    if insecure
+        && (text.contains("disconnected")
+            || text.contains("reset")
+            || text.contains("closed")
+            || text.contains("HTTP/1")
+            || text.contains("parse"))
+    {
+        return FleetError::Transport(format!(
+            "{text} (if the SuperLink at {superlink} uses TLS, drop --insecure and give \
+             --root-certificates)"
+        ));
+    }
+    FleetError::Transport(text)
 }
 
 impl FleetError {
@@ -88,6 +116,8 @@ impl Connection {
 pub struct FleetClient {
     agent: ureq::Agent,
     base: String,
+    superlink: String,
+    insecure: bool,
     key: NodeKey,
     max_reply_bytes: u64,
 }
@@ -142,6 +172,8 @@ impl FleetClient {
         Ok(FleetClient {
             agent: config.build().into(),
             base: format!("{scheme}://{}", conn.superlink),
+            superlink: conn.superlink.clone(),
+            insecure: conn.insecure,
             key,
             max_reply_bytes: conn.max_reply_bytes,
         })
@@ -178,7 +210,7 @@ impl FleetClient {
         }
         let mut resp = req
             .send(&request.encode_to_vec()[..])
-            .map_err(|e| FleetError::Transport(e.to_string()))?;
+            .map_err(|e| transport_error(&e, &self.superlink, self.insecure))?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()

@@ -70,6 +70,26 @@ fn parameters_of(learner: &dyn Learner) -> Result<Parameters, MlError> {
     Ok(Parameters::new(tensors).with_names(names))
 }
 
+/// Loads the server's model, saying what this client's data needs when it
+/// does not fit (a server whose clients train on another data set).
+fn set_global(
+    learner: &mut dyn Learner,
+    data: &ImageSet,
+    tensors: &[Tensor],
+) -> Result<(), MlError> {
+    learner.set_weights(tensors).map_err(|e| match e {
+        MlError::Weights(why) => {
+            let [c, h, w] = data.shape;
+            MlError::Weights(format!(
+                "the server's model does not fit this client's data set ({c}x{h}x{w} images, \
+                 {} classes; is the server's model for another data set?): {why}",
+                data.num_classes
+            ))
+        }
+        other => other,
+    })
+}
+
 fn fit_with(
     learner: &mut dyn Learner,
     train: &ImageSet,
@@ -77,7 +97,7 @@ fn fit_with(
     ins: &FitIns,
 ) -> Result<FitRes, MlError> {
     let opts = defaults.with_config(&ins.config)?;
-    learner.set_weights(&ins.parameters.tensors)?;
+    set_global(learner, train, &ins.parameters.tensors)?;
     let stats = learner.fit(train, &opts)?;
     Ok(FitRes {
         parameters: parameters_of(learner)?,
@@ -93,7 +113,7 @@ fn evaluate_with(
     ins: &EvaluateIns,
 ) -> Result<EvaluateRes, MlError> {
     let opts = defaults.with_config(&ins.config)?;
-    learner.set_weights(&ins.parameters.tensors)?;
+    set_global(learner, test, &ins.parameters.tensors)?;
     let stats = learner.evaluate(test, opts.batch_size)?;
     Ok(EvaluateRes {
         loss: stats.loss as f32,

@@ -61,6 +61,21 @@ impl std::str::FromStr for Backend {
     }
 }
 
+impl Backend {
+    /// Whether this build can run the backend (`cuda` needs `--features cuda`).
+    pub fn available(self) -> Result<(), String> {
+        match self {
+            #[cfg(not(feature = "cuda"))]
+            Backend::Burn(DeviceKind::Cuda(_)) => Err(
+                "this build has no CUDA support: rebuild with `cargo build --release -p petal \
+                 --features cuda`, or use --device cpu"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The seed CNN for images of `input` shape on `backend`, initialised from
 /// `seed`; the native backend splits each batch across `threads` threads.
 pub fn seed_cnn(

@@ -189,9 +189,31 @@ pub fn status(code: flwr::Code, message: impl Into<String>) -> Option<flwr::Stat
     })
 }
 
-/// The status message when it is not OK.
+/// The status code of a client's failure, between Petal processes.
+/// Flower's legacy protocol has no code for "the client tried and failed"
+/// (only `*_NOT_IMPLEMENTED`, and Flower reads any other code as OK), so a
+/// Petal client sends it only to a Petal server, which announces it with
+/// the [`PETAL_ERROR_CODES_HEADER`] response header; Flower servers get
+/// the `*_NOT_IMPLEMENTED` code of the call, the only failure they know.
+pub const CLIENT_ERROR_CODE: i32 = 100;
+
+/// The `Join` response header by which a Petal server says it reads
+/// [`CLIENT_ERROR_CODE`].
+pub const PETAL_ERROR_CODES_HEADER: &str = "petal-error-codes";
+
+/// A failure with [`CLIENT_ERROR_CODE`].
+pub fn client_error(message: impl Into<String>) -> Option<flwr::Status> {
+    Some(flwr::Status {
+        code: CLIENT_ERROR_CODE,
+        message: message.into(),
+    })
+}
+
+/// The status message when it is not OK (with the code's name, unless it
+/// is a plain client failure).
 pub fn status_error(status: &Option<flwr::Status>) -> Option<String> {
     match status {
+        Some(s) if s.code == CLIENT_ERROR_CODE => Some(s.message.clone()),
         Some(s) if s.code != flwr::Code::Ok as i32 => {
             let code = flwr::Code::try_from(s.code)
                 .map(|c| c.as_str_name().to_string())

@@ -104,6 +104,7 @@ impl Process {
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {} (--python): {e}", spec.python.display()))?;
+        petal_core::process_groups::track(child.id());
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -258,6 +259,7 @@ impl Drop for Process {
 
 #[cfg(unix)]
 fn kill_group(child: &mut Child) {
+    petal_core::process_groups::untrack(child.id());
     if let Ok(pid) = i32::try_from(child.id()) {
         // SAFETY: signals the worker's own process group (it was spawned
         // as its leader and is not yet reaped: we hold its Child).
@@ -269,6 +271,7 @@ fn kill_group(child: &mut Child) {
 
 #[cfg(not(unix))]
 fn kill_group(child: &mut Child) {
+    petal_core::process_groups::untrack(child.id());
     let _ = child.kill();
 }
 

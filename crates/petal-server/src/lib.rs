@@ -265,9 +265,12 @@ impl tonic::codegen::Service<Request<Body>> for JoinService {
             registry: Arc::downgrade(&self.registry),
         };
         let mut response = Response::new(Body::new(body));
-        response
-            .headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        let h = response.headers_mut();
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        h.insert(
+            wire::PETAL_ERROR_CODES_HEADER,
+            HeaderValue::from_static("1"),
+        );
         std::future::ready(Ok(response))
     }
 }
@@ -304,6 +307,18 @@ impl Shared {
     }
 }
 
+/// The innermost error of `e` (tonic's own text repeats every layer).
+fn root_cause(e: &tonic::Status) -> String {
+    let mut last: &dyn std::error::Error = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    match last.to_string() {
+        s if s.is_empty() => e.message().to_string(),
+        s => s,
+    }
+}
+
 /// Reads a stream's body as it arrives, so that HTTP/2 never buffers data
 /// for it: the reply to the call in progress goes to the proxy; data when
 /// no call waits, a second message for one call, or a reply over the
@@ -320,7 +335,7 @@ async fn read_stream(
         let data = match frame {
             None if decoder.is_idle() => break "client closed the stream".to_string(),
             None => break "stream error: the stream ended inside a message".to_string(),
-            Some(Err(e)) => break format!("stream error: {e}"),
+            Some(Err(e)) => break format!("stream error: {}", root_cause(&e)),
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) if d.is_empty() => continue,
                 Ok(d) => d,

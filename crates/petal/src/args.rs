@@ -50,6 +50,27 @@ fn default_partition() -> PartitionScheme {
     PartitionScheme::Iid
 }
 
+/// A listening address, host:port: an IP address or a name (`localhost`)
+/// resolved now, IPv4 preferred, as clients resolve it.
+pub fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if s.rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(format!("'{s}' is not host:port"));
+    }
+    let all: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("cannot resolve '{s}': {e}"))?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
 pub fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     let dims: Vec<usize> = s
         .split('x')
@@ -330,9 +351,15 @@ impl LearnerArgs {
         Ok(())
     }
 
-    /// The backend, already validated by the flag parser.
+    /// The backend, if this build has it.
     pub fn device(&self) -> anyhow::Result<Backend> {
-        self.device.parse().map_err(|e: String| anyhow::anyhow!(e))
+        let b: Backend = self
+            .device
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device {}: {e}", self.device))?;
+        b.available()
+            .map_err(|e| anyhow::anyhow!("--device {}: {e}", self.device))?;
+        Ok(b)
     }
 
     /// Threads of the native engine: `--threads`, else `RAYON_NUM_THREADS`, else every core.

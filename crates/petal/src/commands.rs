@@ -22,10 +22,43 @@ use petal_server::{GrpcServer, ServerOptions};
 use crate::args::{FederationArgs, LearnerArgs, RoundArgs, TrainArgs, secs};
 use crate::{ClientArgs, Isolation, NodeArgs, RunArgs, ServerArgs};
 
-/// The run was stopped by Ctrl-C or SIGTERM (exit status 130).
+/// The run was stopped by Ctrl-C (exit status 130) or SIGTERM (143).
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted; the history of the rounds played is in {0}")]
-pub struct Interrupted(pub String);
+pub struct Interrupted(pub String, pub Stop);
+
+/// A client stopped by Ctrl-C or SIGTERM.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {0}")]
+pub struct Stopped(pub Stop);
+
+/// The signal that stopped a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+impl Stop {
+    /// The shell's exit status for a process ended by this signal.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Stop::Interrupt => 130,
+            Stop::Terminate => 143,
+        }
+    }
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::Interrupt => "SIGINT",
+            Stop::Terminate => "SIGTERM",
+        })
+    }
+}
 
 fn fit_config(train: &TrainArgs) -> Config {
     [
@@ -82,8 +115,8 @@ pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
     args.learner.train.validate()?;
     let registry = Arc::new(Registry::new());
     let options = server_options(&args.federation.round)?;
-    let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
     let prepared = prepare(&args.federation, &args.learner)?;
+    let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
     let mut run = open_run_dir(&args.federation.round)?;
     let resume = run.resume.take();
     let history = federate(&registry, &run, resume, prepared).await;
@@ -134,6 +167,12 @@ impl OpenedRun {
                 .exists();
         if self.created && self.resume.is_none() && !saved {
             let _ = std::fs::remove_dir_all(self.dir.path());
+            if self.default {
+                // `runs/` itself, when this run was its first (only if empty).
+                if let Some(parent) = self.dir.path().parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
         }
     }
 }
@@ -188,8 +227,8 @@ fn point_latest(dir: &Path) {
     }
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM, whichever comes first.
+async fn shutdown_signal() -> Stop {
     #[cfg(unix)]
     {
         let mut term =
@@ -198,13 +237,14 @@ async fn shutdown_signal() {
                 Err(_) => return std::future::pending().await,
             };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => Stop::Interrupt,
+            _ = term.recv() => Stop::Terminate,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Stop::Interrupt
     }
 }
 
@@ -218,6 +258,11 @@ struct Prepared {
 }
 
 fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepared> {
+    let f = fed.round.fraction_evaluate;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&f),
+        "--fraction-evaluate {f} is outside [0, 1]"
+    );
     let fc = fit_config(&learner.train);
     let spec = fed.round.strategy.spec()?;
     let dp = fed
@@ -259,6 +304,7 @@ fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepar
             .then(|| fed.round.in_flight_memory_mb.saturating_mul(1 << 20)),
         sample_seed: fed.round.sample_seed,
         parameter_names: None,
+        initial_model_attempts: None,
     };
     Ok(Prepared {
         strategy,
@@ -291,19 +337,31 @@ async fn federate(
     );
     let observer = Progress::new(run_dir, run.default, config.num_rounds);
     let outcome = tokio::select! {
-        r = run_federation(registry, &mut *strategy, &config, resume, &observer) => Some(r),
-        _ = shutdown_signal() => None,
+        r = run_federation(registry, &mut *strategy, &config, resume, &observer) => Ok(r),
+        stop = shutdown_signal() => Err(stop),
     };
     observer.clear();
     let dir = run_dir.path().display().to_string();
     match outcome {
-        None => {
+        Err(stop) => {
             let h = run_dir.finish(RunStatus::Interrupted)?;
             eprint!("{}", h.summary());
             run.discard_if_empty(Some(&h));
-            Err(Interrupted(dir).into())
+            Err(Interrupted(dir, stop).into())
         }
-        Some(Err(e)) => {
+        Ok(outcome) => federation_outcome(run, outcome, &dir),
+    }
+}
+
+/// The history of a federation that ran to its end or failed.
+fn federation_outcome(
+    run: &OpenedRun,
+    outcome: Result<History, CoreError>,
+    dir: &str,
+) -> anyhow::Result<History> {
+    let run_dir = &run.dir;
+    match outcome {
+        Err(e) => {
             let h = run_dir.finish(RunStatus::Failed(e.to_string()))?;
             eprint!("{}", h.summary());
             run.discard_if_empty(Some(&h));
@@ -312,7 +370,7 @@ async fn federate(
             }
             Err(anyhow::Error::from(e).context(format!("the run failed (history in {dir})")))
         }
-        Some(Ok(_)) => {
+        Ok(_) => {
             let h = run_dir.finish(RunStatus::Completed)?;
             print!("{}", h.summary());
             tracing::info!("history and checkpoint written to {dir}");
@@ -423,6 +481,7 @@ impl<'a> Progress<'a> {
             );
             bar
         });
+        crate::output::set_bar(bar.clone());
         Progress {
             dir,
             rounds,
@@ -433,6 +492,7 @@ impl<'a> Progress<'a> {
     }
 
     fn clear(&self) {
+        crate::output::set_bar(None);
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -538,11 +598,49 @@ fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<Box<d
 /// `petal client`: one logical client, or `--clients K` of them sharing
 /// this process, its connection and its data.
 pub async fn client(args: &ClientArgs) -> anyhow::Result<()> {
+    let parent_gone = async {
+        if !args.stop_on_stdin_eof {
+            return std::future::pending().await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while std::io::Read::read(&mut std::io::stdin(), &mut buf).is_ok_and(|n| n > 0) {}
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    };
+    tokio::select! {
+        r = serve_clients(args) => r,
+        () = parent_gone => {
+            petal_client::isolation::kill_worker_groups();
+            tracing::info!("stopping: the run that started this client has ended");
+            Err(Stopped(Stop::Terminate).into())
+        }
+        stop = shutdown_signal() => {
+            // The workers go with the client, mid-step or not.
+            petal_client::isolation::kill_worker_groups();
+            tracing::info!("stopping ({stop})");
+            Err(Stopped(stop).into())
+        }
+    }
+}
+
+async fn serve_clients(args: &ClientArgs) -> anyhow::Result<()> {
     let learner = match &args.learner_config {
         Some(json) => LearnerArgs::from_json(json)?,
         None => args.learner.clone(),
     };
     learner.validate()?;
+    if args.learner_config.is_none() && learner.num_partitions == 1 {
+        let what = match learner.python_spec() {
+            Some(_) => "its learner gets partition_id 0 of num_partitions 1".to_string(),
+            None => format!("it trains on the whole {} data set", learner.data.dataset),
+        };
+        tracing::warn!(
+            "--num-partitions is 1: {what} (give --partition-id and --num-partitions for a share)"
+        );
+    }
     let (learner, ids, slots) = share_process(learner, args.clients, args.max_concurrent_fit)?;
     let mut opts = ConnectOptions::new(&args.server);
     opts.max_attempts = args.connect_attempts;
@@ -788,10 +886,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     check.num_partitions = args.clients;
     check.validate()?;
     if args.learner.python_spec().is_none() {
-        args.learner
-            .data
-            .spec()?
-            .check(args.learner.data.data_dir.as_deref(), args.clients)?;
+        let spec = args.learner.data.spec()?;
+        let dir = args.learner.data.data_dir.as_deref();
+        spec.check(dir, args.clients)?;
+        spec.fetch_missing(dir)?;
+        spec.check(dir, args.clients)?;
     }
 
     let mut round = args.round.clone();
@@ -815,7 +914,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     // Every client process connects from this machine.
     options.max_connections_per_ip = options.max_connections_per_ip.max(processes + 16);
     let registry = Arc::new(Registry::new());
-    let prepared = prepare(&fed, &args.learner)?;
+    let mut prepared = prepare(&fed, &args.learner)?;
+    // Every client is this run's own: when all of them fail to give a
+    // model, none will.
+    prepared.config.initial_model_attempts = Some(args.clients);
     let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
     let mut run = open_run_dir(&fed.round)?;
     let resume = run.resume.take();
@@ -830,6 +932,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     let trainers = fit.min(processes * slots).max(1);
     let threads = (cores / trainers).max(1);
     let mut children = tokio::task::JoinSet::new();
+    let mut stdins = Vec::new();
     for p in 0..processes {
         let first = p * per_process;
         let count = per_process.min(args.clients - first);
@@ -841,6 +944,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("client")
+            .arg("--stop-on-stdin-eof")
             .args(["--server", &addr.to_string()])
             .args([
                 "--isolation",
@@ -852,6 +956,13 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             .args(["--clients", &count.to_string()])
             .args(["--max-concurrent-fit", &slots.to_string()])
             .args(["--learner-config", &learner.to_json()])
+            // Closing its stdin stops a client (and a client whose run dies
+            // stops too); its own process group keeps a terminal's Ctrl-C
+            // for this process, which then stops the clients in order.
+            .stdin(std::process::Stdio::piped())
+            // Its lines reach our stderr whole, never mid-line in another's.
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         if let Some(t) = args.worker_timeout {
             cmd.args(["--worker-timeout", &t.to_string()]);
@@ -865,6 +976,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting client process {p}"))?;
+        stdins.extend(child.stdin.take());
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(crate::output::relay_lines(err));
+        }
         children.spawn(async move { (p, child.wait().await) });
     }
     tracing::info!(
@@ -905,6 +1020,19 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    if history.is_err() {
+        // Interrupted or failed: the clients were not told to leave. Stop
+        // them now (closing their stdin), give them a moment to end their
+        // workers, then kill what is left.
+        drop(stdins);
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while children.join_next().await.is_some() {}
+        })
+        .await;
+        children.abort_all();
+        grpc.shutdown(Duration::from_millis(500)).await?;
+        return history.map(|_| ());
+    }
     // Clients leave once the server says goodbye.
     let drained = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(joined) = children.join_next().await {

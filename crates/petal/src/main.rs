@@ -2,9 +2,12 @@
 //! This binary is only argument handling and wiring; the work lives in the
 //! library crates (see ARCHITECTURE.md).
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod bench;
 mod commands;
+mod output;
 mod plot;
 mod settings;
 
@@ -179,8 +182,8 @@ pub struct ServerArgs {
     /// (`rounds = 10`, `strategy = "fedprox"`); flags given here win.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address to listen on, host:port (`localhost:8080`, `0.0.0.0:8080`, `[::]:8080`).
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = args::listen_address)]
     pub address: std::net::SocketAddr,
     #[command(flatten)]
     pub federation: FederationArgs,
@@ -232,6 +235,10 @@ pub struct ClientArgs {
     /// flags (how `petal run` configures its clients).
     #[arg(long, hide = true)]
     pub learner_config: Option<String>,
+    /// Stop when standard input closes (how `petal run` stops its clients,
+    /// and why they never outlive it).
+    #[arg(long, hide = true)]
+    pub stop_on_stdin_eof: bool,
 }
 
 /// `petal run` flags.
@@ -251,7 +258,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub fit_clients: Option<usize>,
     /// Address the server listens on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = args::listen_address)]
     pub address: std::net::SocketAddr,
     /// Where clients run fit and evaluate.
     #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
@@ -285,7 +292,17 @@ fn command() -> clap::Command {
         .map(|s| s.get_name().to_string())
         .collect();
     for n in names {
-        cmd = cmd.mut_subcommand(n, |s| s.args_override_self(true));
+        // `--lr -1` reaches the range check (and its message) instead of
+        // being taken for a flag.
+        cmd = cmd.mut_subcommand(n, |s| {
+            s.args_override_self(true).mut_args(|a| {
+                if a.get_action().takes_values() {
+                    a.allow_negative_numbers(true)
+                } else {
+                    a
+                }
+            })
+        });
     }
     cmd
 }
@@ -327,7 +344,7 @@ fn init_logs() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(output::LogWriter)
         .with_target(false);
     if json {
         logs.json().flatten_event(true).init();
@@ -380,11 +397,14 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(commands::Stopped(stop)) = e.downcast_ref::<commands::Stopped>() {
+                // Told to stop: not an error worth a line.
+                return std::process::ExitCode::from(stop.exit_code());
+            }
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<Interrupted>().is_some() {
-                std::process::ExitCode::from(130)
-            } else {
-                std::process::ExitCode::FAILURE
+            match e.downcast_ref::<Interrupted>() {
+                Some(Interrupted(_, stop)) => std::process::ExitCode::from(stop.exit_code()),
+                None => std::process::ExitCode::FAILURE,
             }
         }
     }

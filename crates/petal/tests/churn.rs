@@ -375,7 +375,7 @@ async fn sigterm_keeps_the_history_of_finished_rounds() {
     })
     .await
     .unwrap();
-    assert_eq!(status.code(), Some(130), "{log}");
+    assert_eq!(status.code(), Some(143), "SIGTERM: {log}");
     let h = history(&out);
     assert_eq!(h["status"], "interrupted");
     assert_eq!(h["rounds"].as_array().unwrap().len(), 1);
