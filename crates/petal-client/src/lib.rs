@@ -11,7 +11,7 @@ pub mod isolation;
 mod runtime;
 
 pub use petal_core::Client;
-pub use runtime::{ConnectOptions, run_client, run_clients};
+pub use runtime::{ClientTls, ConnectOptions, run_client, run_clients};
 
 /// Errors of the client runtime.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +22,12 @@ pub enum ClientError {
         attempts: u32,
         reason: String,
     },
-    #[error("invalid server address '{0}'")]
+    #[error("invalid server address '{0}': expected host:port")]
     BadAddress(String),
+    #[error("TLS settings: {0}")]
+    Tls(String),
+    #[error("the server refused this client: {0}")]
+    Refused(String),
     #[error("worker process: {0}")]
     Worker(String),
     #[error(transparent)]

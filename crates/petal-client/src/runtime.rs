@@ -39,6 +39,64 @@ pub struct ConnectOptions {
     pub keepalive_timeout: Duration,
     /// Largest message sent or accepted.
     pub max_message_bytes: usize,
+    /// TLS settings; `None`: plaintext.
+    pub tls: Option<ClientTls>,
+    /// The key every `Join` is signed with (servers with `--auth-keys`).
+    pub auth: Option<petal_auth::NodeKey>,
+}
+
+/// A client's TLS settings, as PEM bytes.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The CA that signed the server's certificate.
+    pub ca: Vec<u8>,
+    /// This client's certificate chain and key, for servers that ask for
+    /// one (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Attempts in a row that show the two sides disagree on TLS before a
+/// client gives up (retrying cannot fix a setting).
+const TLS_MISMATCH_ATTEMPTS: u32 = 3;
+
+/// What `reason` (a failed connection or join) says about TLS, if the two
+/// sides seem to disagree on it: which side speaks plaintext and which flag
+/// fixes it. `certain` when the error can only mean that.
+fn tls_mismatch(reason: &str, tls: bool) -> Option<(String, bool)> {
+    if tls && (reason.contains("InvalidContentType") || reason.contains("corrupt message")) {
+        return Some((
+            "the server speaks plaintext, not TLS: drop --root-certificates, or start the \
+             server with --ssl-certfile and --ssl-keyfile"
+                .into(),
+            true,
+        ));
+    }
+    let dropped = [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "frame with invalid size",
+        "unexpected end of file",
+        "h2 protocol error",
+    ];
+    if !tls && dropped.iter().any(|d| reason.to_lowercase().contains(d)) {
+        return Some((
+            "the server closed the connection at once: if it uses TLS, pass \
+             --root-certificates CA (and --ssl-certfile/--ssl-keyfile if it asks for a client \
+             certificate)"
+                .into(),
+            false,
+        ));
+    }
+    None
 }
 
 impl ConnectOptions {
@@ -53,15 +111,23 @@ impl ConnectOptions {
             keepalive_interval: Some(Duration::from_secs(300)),
             keepalive_timeout: Duration::from_secs(20),
             max_message_bytes: MAX_MESSAGE_BYTES,
+            tls: None,
+            auth: None,
         }
     }
 
     fn endpoint(&self) -> Result<Endpoint, ClientError> {
-        let uri = if self.server.contains("://") {
-            self.server.clone()
-        } else {
-            format!("http://{}", self.server)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let uri = match self.server.split_once("://") {
+            Some((_, rest)) => format!("{scheme}://{rest}"),
+            None => format!("{scheme}://{}", self.server),
         };
+        let has_port = uri
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.trim_end_matches('/').parse::<u16>().is_ok());
+        if !has_port {
+            return Err(ClientError::BadAddress(self.server.clone()));
+        }
         let mut e = Endpoint::from_shared(uri)
             .map_err(|_| ClientError::BadAddress(self.server.clone()))?
             .connect_timeout(Duration::from_secs(10))
@@ -76,6 +142,16 @@ impl ConnectOptions {
                 .keep_alive_timeout(self.keepalive_timeout)
                 .keep_alive_while_idle(true);
         }
+        if let Some(tls) = &self.tls {
+            let mut config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            e = e
+                .tls_config(config)
+                .map_err(|err| ClientError::Tls(err.to_string()))?;
+        }
         Ok(e)
     }
 }
@@ -88,13 +164,23 @@ fn connect_backoff(opts: &ConnectOptions) -> Backoff {
 async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     let endpoint = opts.endpoint()?;
     let mut backoff = connect_backoff(opts);
+    let mut mismatches = 0;
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
             Err(e) => {
-                let reason = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
+                let mut reason = error_chain(&e);
+                if let Some((hint, certain)) = tls_mismatch(&reason, opts.tls.is_some()) {
+                    reason = format!("{reason}; {hint}");
+                    mismatches += 1;
+                    if certain && mismatches >= TLS_MISMATCH_ATTEMPTS {
+                        return Err(ClientError::Unreachable {
+                            addr: opts.server.clone(),
+                            attempts: backoff.attempts + 1,
+                            reason,
+                        });
+                    }
+                }
                 let Some(delay) = backoff.failed() else {
                     return Err(ClientError::Unreachable {
                         addr: opts.server.clone(),
@@ -115,6 +201,44 @@ async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     }
 }
 
+/// Whether a failed join looks like the connection was closed under it.
+fn closed_early(reason: &str) -> bool {
+    let r = reason.to_lowercase();
+    [
+        "connection error",
+        "canceled",
+        "cancelled",
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|k| r.contains(k))
+}
+
+/// Every message of `e`'s chain, outermost first (the innermost alone
+/// often says nothing: "connection reset").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Why a `Join` failed.
+enum JoinError {
+    /// The server refused this client (authentication): final.
+    Refused(String),
+    /// Anything else: try again.
+    Other(String),
+}
+
 /// How one session (one `Join` stream) ended.
 enum Ended {
     /// The server ended the run.
@@ -123,6 +247,8 @@ enum Ended {
     Reconnect(Duration),
     /// The stream was lost (`joined`: after the server had accepted it).
     Lost { reason: String, joined: bool },
+    /// The server refused this client's identity.
+    Refused(String),
 }
 
 /// Joins the server and serves `client` until the server ends the run.
@@ -174,20 +300,56 @@ async fn serve<C: Client + 'static>(
 ) -> Result<(), ClientError> {
     let mut slot = Some(client);
     let mut backoff = connect_backoff(&opts);
+    let mut ever_joined = false;
+    let mut closed_at_once = 0;
     loop {
         match session(&opts, channel.clone(), &mut slot, &slots).await {
             Ended::Finished => {
                 tracing::info!("disconnected: the server ended the run");
                 return Ok(());
             }
+            Ended::Refused(why) => {
+                let why = match &opts.auth {
+                    Some(k) if !why.contains(&k.public().fingerprint()) => {
+                        format!("{why} (this client's key: {})", k.public().fingerprint())
+                    }
+                    _ => why,
+                };
+                return Err(ClientError::Refused(why));
+            }
             Ended::Reconnect(delay) => {
                 tracing::info!("server asked to reconnect in {}s", delay.as_secs());
                 backoff = connect_backoff(&opts);
                 tokio::time::sleep(delay).await;
             }
-            Ended::Lost { reason, joined } => {
+            Ended::Lost { mut reason, joined } => {
                 if joined {
                     backoff = connect_backoff(&opts);
+                    ever_joined = true;
+                }
+                // A plaintext client of a TLS server: the server closes the
+                // connection before any HTTP/2 exchange, every time.
+                // A TLS client without a certificate, of a server that asks
+                // for one, is closed the same way after the handshake.
+                let hint = match &opts.tls {
+                    None => Some("if it uses TLS, pass --root-certificates CA"),
+                    Some(t) if t.identity.is_none() => Some(
+                        "if it asks for client certificates, pass --ssl-certfile and --ssl-keyfile",
+                    ),
+                    Some(_) => None,
+                };
+                if let Some(hint) =
+                    hint.filter(|_| !joined && !ever_joined && closed_early(&reason))
+                {
+                    closed_at_once += 1;
+                    reason = format!("{reason}; the server closed the connection at once: {hint}");
+                    if closed_at_once >= TLS_MISMATCH_ATTEMPTS {
+                        return Err(ClientError::Unreachable {
+                            addr: opts.server.clone(),
+                            attempts: closed_at_once,
+                            reason,
+                        });
+                    }
                 }
                 let Some(delay) = backoff.failed() else {
                     return Err(ClientError::Unreachable {
@@ -219,15 +381,17 @@ async fn session<C: Client + 'static>(
     slots: &Semaphore,
 ) -> Ended {
     let (tx, rx) = mpsc::channel::<Vec<Bytes>>(2);
-    let (mut inbound, petal) = match join(channel, rx, opts.max_message_bytes).await {
-        Ok(joined) => joined,
-        Err(reason) => {
-            return Ended::Lost {
-                reason: format!("join refused: {reason}"),
-                joined: false,
-            };
-        }
-    };
+    let (mut inbound, petal) =
+        match join(channel, rx, opts.max_message_bytes, opts.auth.as_ref()).await {
+            Ok(joined) => joined,
+            Err(JoinError::Refused(why)) => return Ended::Refused(why),
+            Err(JoinError::Other(reason)) => {
+                return Ended::Lost {
+                    reason: format!("join refused: {reason}"),
+                    joined: false,
+                };
+            }
+        };
     let lost = |reason: String| Ended::Lost {
         reason,
         joined: true,
@@ -316,7 +480,8 @@ async fn join(
     channel: Channel,
     rx: mpsc::Receiver<Vec<Bytes>>,
     max_message_bytes: usize,
-) -> Result<(MessageReader<tonic::body::Body>, bool), String> {
+    auth: Option<&petal_auth::NodeKey>,
+) -> Result<(MessageReader<tonic::body::Body>, bool), JoinError> {
     use tonic::codegen::Service;
     use tonic::codegen::http::{HeaderValue, Method, Request};
     let mut req = Request::new(tonic::body::Body::new(ChunkBody::new(rx, false)));
@@ -325,17 +490,29 @@ async fn join(
     let h = req.headers_mut();
     h.insert("content-type", HeaderValue::from_static("application/grpc"));
     h.insert("te", HeaderValue::from_static("trailers"));
+    if let Some(key) = auth {
+        for (name, value) in key.headers() {
+            let value = HeaderValue::from_str(&value)
+                .map_err(|e| JoinError::Other(format!("signing the join: {e}")))?;
+            h.insert(name, value);
+        }
+    }
     let mut channel = channel;
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| JoinError::Other(e.to_string()))?;
     let response = channel.call(req).await.map_err(|e| {
-        std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string())
+        JoinError::Other(
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string()),
+        )
     })?;
     if !response.status().is_success() {
-        return Err(format!("HTTP status {}", response.status()));
+        return Err(JoinError::Other(format!(
+            "HTTP status {}",
+            response.status()
+        )));
     }
     // A status in the headers is an error before any message.
     if let Some(code) = response.headers().get("grpc-status")
@@ -346,7 +523,11 @@ async fn join(
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        return Err(format!("gRPC status {code:?}: {msg}"));
+        // Unauthenticated or permission denied: retrying cannot help.
+        if code == "16" || code == "7" {
+            return Err(JoinError::Refused(msg.to_string()));
+        }
+        return Err(JoinError::Other(format!("gRPC status {code:?}: {msg}")));
     }
     let petal = response
         .headers()

@@ -28,6 +28,9 @@ use crate::types::{Config, CoreError, NodeId, Parameters};
 /// Default longest time one fit, evaluate or get_parameters call may take.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// Times a step whose every client was lost is played again in one round.
+const MAX_REPLAYS: usize = 3;
+
 /// Default bound on calls in flight at once (per step).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 
@@ -321,6 +324,56 @@ impl Step<'_> {
         parameters: &Arc<Parameters>,
         record: &mut RoundRecord,
     ) -> Result<Option<Parameters>, StepError> {
+        let mut replays = 0;
+        loop {
+            let first_failure = record.failures.len();
+            self.fit_once(strategy, parameters, record).await?;
+            if record.fit_results > 0
+                || replays >= MAX_REPLAYS
+                || !self.all_lost(&record.failures[first_failure..])
+            {
+                break;
+            }
+            replays += 1;
+            tracing::warn!(
+                "round {}: every client sampled to fit was lost; playing the fit step again \
+                 once enough clients are connected (replay {replays}/{MAX_REPLAYS})",
+                self.round
+            );
+        }
+        let aggregated = aggregate_off_runtime(|| strategy.aggregate_fit(self.round, parameters));
+        Ok(aggregated.and_then(|(p, metrics)| {
+            record.fit_metrics = metrics;
+            match p.check_like(parameters) {
+                Ok(()) => Some(p.cast_like(parameters)),
+                Err(e) => {
+                    tracing::error!(
+                        "aggregate_fit produced an invalid model ({e}); keeping the previous one"
+                    );
+                    None
+                }
+            }
+        }))
+    }
+
+    /// Whether a step's `failures` all belong to clients that are gone (a
+    /// network outage, a server whose link went down): then the step is
+    /// played again rather than lost. Clients that answered with an error
+    /// stay connected, so their failures never cause a replay.
+    fn all_lost(&self, failures: &[Failure]) -> bool {
+        !failures.is_empty()
+            && failures
+                .iter()
+                .all(|f| f.node.is_some_and(|n| self.manager.get(n).is_none()))
+    }
+
+    /// One attempt at the fit step: sample, fan out, fold.
+    async fn fit_once(
+        &self,
+        strategy: &mut dyn Strategy,
+        parameters: &Arc<Parameters>,
+        record: &mut RoundRecord,
+    ) -> Result<(), StepError> {
         self.wait_for(strategy.min_available_clients(Phase::Fit), Phase::Fit)
             .await
             .map_err(StepError::Skipped)?;
@@ -391,19 +444,7 @@ impl Step<'_> {
             record.fit_results,
             record.fit_failures
         );
-        let aggregated = aggregate_off_runtime(|| strategy.aggregate_fit(self.round, parameters));
-        Ok(aggregated.and_then(|(p, metrics)| {
-            record.fit_metrics = metrics;
-            match p.check_like(parameters) {
-                Ok(()) => Some(p.cast_like(parameters)),
-                Err(e) => {
-                    tracing::error!(
-                        "aggregate_fit produced an invalid model ({e}); keeping the previous one"
-                    );
-                    None
-                }
-            }
-        }))
+        Ok(())
     }
 
     /// The federated evaluation step.
@@ -413,6 +454,38 @@ impl Step<'_> {
         parameters: &Arc<Parameters>,
         record: &mut RoundRecord,
     ) {
+        let mut replays = 0;
+        loop {
+            let first_failure = record.failures.len();
+            if !self.evaluate_once(strategy, parameters, record).await {
+                return;
+            }
+            if record.eval_results > 0
+                || replays >= MAX_REPLAYS
+                || !self.all_lost(&record.failures[first_failure..])
+            {
+                break;
+            }
+            replays += 1;
+            tracing::warn!(
+                "round {}: every client sampled to evaluate was lost; playing the evaluate step \
+                 again once enough clients are connected (replay {replays}/{MAX_REPLAYS})",
+                self.round
+            );
+        }
+        let mut summary = strategy.aggregate_evaluate(self.round);
+        record.loss = summary.loss;
+        record.accuracy = summary.metrics.remove("accuracy");
+        record.metrics = summary.metrics;
+    }
+
+    /// One attempt at the federated evaluation step.
+    async fn evaluate_once(
+        &self,
+        strategy: &mut dyn Strategy,
+        parameters: &Arc<Parameters>,
+        record: &mut RoundRecord,
+    ) -> bool {
         let min = strategy.min_available_clients(Phase::Evaluate);
         if min > 0
             && let Err(why) = self.wait_for(min, Phase::Evaluate).await
@@ -423,13 +496,13 @@ impl Step<'_> {
                 phase: "evaluate".into(),
                 reason: format!("skipped: {why}"),
             });
-            return;
+            return false;
         }
         let mut rng = step_rng(self.seed, self.round, salt(Phase::Evaluate));
         let instructions =
             strategy.configure_evaluate(self.round, parameters, self.manager, &mut rng);
         if instructions.is_empty() {
-            return;
+            return false;
         }
         tracing::info!(
             "configure_evaluate: strategy sampled {} clients (out of {})",
@@ -464,10 +537,7 @@ impl Step<'_> {
             record.eval_results,
             record.eval_failures
         );
-        let mut summary = strategy.aggregate_evaluate(self.round);
-        record.loss = summary.loss;
-        record.accuracy = summary.metrics.remove("accuracy");
-        record.metrics = summary.metrics;
+        true
     }
 }
 

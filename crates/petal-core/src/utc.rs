@@ -34,11 +34,53 @@ impl Utc {
             second: (rem % 60) as u32,
         }
     }
+
+    /// Seconds since 1970-01-01T00:00:00Z (days-from-civil); `None` for a
+    /// field out of range or a time before 1970.
+    pub fn to_unix(&self) -> Option<u64> {
+        if !(1..=12).contains(&self.month)
+            || !(1..=31).contains(&self.day)
+            || self.hour > 23
+            || self.minute > 59
+            || self.second > 60
+        {
+            return None;
+        }
+        let y = self.year - i64::from(self.month <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let m = i64::from(self.month);
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(self.day) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era.checked_mul(146_097)?.checked_add(doe - 719_468)?;
+        let secs = days.checked_mul(86_400)?.checked_add(
+            i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second),
+        )?;
+        u64::try_from(secs).ok()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::Utc;
+
+    #[test]
+    fn to_unix_inverts_from_unix() {
+        for secs in [
+            0u64,
+            59,
+            86_399,
+            86_400,
+            951_782_400,
+            1_795_703_193,
+            4_102_444_800,
+        ] {
+            assert_eq!(Utc::from_unix(secs).to_unix(), Some(secs), "{secs}");
+        }
+        let mut bad = Utc::from_unix(0);
+        bad.month = 13;
+        assert_eq!(bad.to_unix(), None);
+    }
 
     fn t(y: i64, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Utc {
         Utc {

@@ -6,11 +6,13 @@
 //! `accept` fails, refuses connections beyond a cap per peer address, and
 //! wraps each socket in a [`Conn`] that fails its reads when the HTTP/2
 //! preface has not arrived within the handshake timeout (hyper then closes
-//! the connection).
+//! the connection). With TLS, each connection's handshake runs in its own
+//! task under the same timeout, and a client that speaks plaintext to a TLS
+//! server is told apart (by its first byte) and named in the log.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -29,7 +31,8 @@ const PREFACE_LEN: usize = 24;
 pub struct ConnLimits {
     /// Open connections from one IP address; more are closed at once.
     pub max_per_ip: usize,
-    /// Time a new connection has to send the HTTP/2 preface.
+    /// Time a new connection has to finish its TLS handshake (if any) and
+    /// send the HTTP/2 preface.
     pub handshake_timeout: Duration,
 }
 
@@ -95,10 +98,28 @@ impl RateLimited {
     }
 }
 
+/// A connection's place in its address's count, given back when dropped.
+struct Slot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.per_ip.release(self.ip);
+    }
+}
+
 /// Accepts connections from `listener` until `out` is closed, sending
-/// each admitted one on `out`.
-pub async fn accept_loop(listener: TcpListener, limits: ConnLimits, out: mpsc::Sender<Conn>) {
+/// each admitted one on `out` (after its TLS handshake, with `tls`).
+pub async fn accept_loop(
+    listener: TcpListener,
+    limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    out: mpsc::Sender<Conn>,
+) {
     let per_ip = Arc::new(PerIp::default());
+    let handshakes = Arc::new(Mutex::new(RateLimited::new()));
     let mut refused = RateLimited::new();
     let mut failing = RateLimited::new();
     let mut delay = Duration::from_millis(10);
@@ -140,19 +161,91 @@ pub async fn accept_loop(listener: TcpListener, limits: ConnLimits, out: mpsc::S
             continue;
         }
         let _ = socket.set_nodelay(true);
-        let conn = Conn {
-            info: TcpConnectInfo {
-                local_addr: socket.local_addr().ok(),
-                remote_addr: Some(peer),
-            },
-            io: socket,
-            preface: 0,
-            deadline: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
-            timeout: limits.handshake_timeout,
-            slot: Some((per_ip.clone(), peer)),
+        let slot = Slot {
+            per_ip: per_ip.clone(),
+            ip: peer.ip(),
         };
-        if out.send(conn).await.is_err() {
-            return;
+        let info = TcpConnectInfo {
+            local_addr: socket.local_addr().ok(),
+            remote_addr: Some(peer),
+        };
+        let Some(acceptor) = tls.clone() else {
+            let conn = Conn::new(Io::Plain(socket), info, slot, limits.handshake_timeout);
+            if out.send(conn).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let (out, handshakes) = (out.clone(), handshakes.clone());
+        tokio::spawn(async move {
+            let timeout = limits.handshake_timeout;
+            match tokio::time::timeout(timeout, tls_handshake(acceptor, socket)).await {
+                Ok(Ok(stream)) => {
+                    let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot, timeout);
+                    let _ = out.send(conn).await;
+                }
+                Ok(Err(why)) => {
+                    let tick = handshakes.lock().unwrap_or_else(|e| e.into_inner()).tick();
+                    if let Some(n) = tick {
+                        tracing::warn!(
+                            "TLS handshake with {peer} failed: {why} ({n} failure(s) in the last 10 s)"
+                        );
+                    }
+                }
+                Err(_) => {
+                    let tick = handshakes.lock().unwrap_or_else(|e| e.into_inner()).tick();
+                    if let Some(n) = tick {
+                        tracing::warn!(
+                            "TLS handshake with {peer} took longer than {:.0} s: closed ({n} failure(s) in the last 10 s)",
+                            timeout.as_secs_f64()
+                        );
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The server side of a TLS handshake, telling a plaintext client apart.
+async fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    socket: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let mut first = [0u8; 1];
+    match socket.peek(&mut first).await {
+        Ok(0) => return Err("the client closed the connection".into()),
+        Err(e) => return Err(e.to_string()),
+        Ok(_) => {}
+    }
+    match crate::tls::first_byte_kind(first[0]) {
+        "tls" => {}
+        "plaintext HTTP/2" => {
+            return Err(
+                "the client speaks plaintext to this TLS server: it needs the CA \
+                 (`petal client --root-certificates CA`, Flower's `root_certificates`)"
+                    .into(),
+            );
+        }
+        _ => return Err(format!("not a TLS client (first byte 0x{:02x})", first[0])),
+    }
+    acceptor.accept(socket).await.map_err(|e| e.to_string())
+}
+
+/// A connection's bytes: plain TCP or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    fn new(io: Io, info: TcpConnectInfo, slot: Slot, timeout: Duration) -> Conn {
+        Conn {
+            io,
+            info,
+            preface: 0,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            timeout,
+            _slot: slot,
         }
     }
 }
@@ -169,25 +262,17 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// An accepted TCP connection: counted against its address while open,
-/// and failing its reads if the HTTP/2 preface is late.
+/// An accepted connection: counted against its address while open, and
+/// failing its reads if the HTTP/2 preface is late.
 pub struct Conn {
-    io: TcpStream,
+    io: Io,
     info: TcpConnectInfo,
     /// Bytes of the preface read so far.
     preface: usize,
     /// When the preface must be complete; `None` once it is.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timeout: Duration,
-    slot: Option<(Arc<PerIp>, SocketAddr)>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some((per_ip, peer)) = self.slot.take() {
-            per_ip.release(peer.ip());
-        }
-    }
+    _slot: Slot,
 }
 
 impl Connected for Conn {
@@ -219,7 +304,10 @@ impl AsyncRead for Conn {
             )));
         }
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let r = match &mut this.io {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        };
         if this.deadline.is_some() {
             this.preface += buf.filled().len() - before;
             if this.preface >= PREFACE_LEN {
@@ -236,15 +324,24 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
     }
 
     fn poll_write_vectored(
@@ -252,11 +349,17 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 }
 
@@ -265,11 +368,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn listen(limits: ConnLimits) -> (SocketAddr, mpsc::Receiver<Conn>) {
+    async fn listen(limits: ConnLimits) -> (std::net::SocketAddr, mpsc::Receiver<Conn>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(accept_loop(l, limits, tx));
+        tokio::spawn(accept_loop(l, limits, None, tx));
         (addr, rx)
     }
 

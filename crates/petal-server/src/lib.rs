@@ -23,6 +23,7 @@
 //! handshake are bounded ([`incoming`]).
 
 mod incoming;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -87,8 +88,13 @@ pub struct ServerOptions {
     pub max_streams_per_connection: u32,
     /// Connections one IP address may hold open; more are closed at once.
     pub max_connections_per_ip: usize,
-    /// Time a new connection has to send the HTTP/2 preface.
+    /// Time a new connection has to finish its TLS handshake and send the
+    /// HTTP/2 preface.
     pub handshake_timeout: Duration,
+    /// TLS (see [`tls::server_config`]); `None`: plaintext.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Node authentication: only clients signing with a listed key join.
+    pub auth: Option<Arc<petal_auth::Verifier>>,
 }
 
 impl Default for ServerOptions {
@@ -104,6 +110,8 @@ impl Default for ServerOptions {
             max_streams_per_connection: 4096,
             max_connections_per_ip: 128,
             handshake_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -140,6 +148,7 @@ impl GrpcServer {
                 max_per_ip: options.max_connections_per_ip.max(1),
                 handshake_timeout: options.handshake_timeout,
             },
+            options.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             conns,
         ));
         let incoming = tokio_stream::StreamExt::map(
@@ -164,7 +173,10 @@ impl GrpcServer {
                     let _ = stopped.await;
                 }),
         );
-        tracing::info!("Flower gRPC server listening on {local_addr}");
+        tracing::info!(
+            "Flower gRPC server{} listening on {local_addr}",
+            if options.tls.is_some() { " (TLS)" } else { "" }
+        );
         Ok(GrpcServer {
             local_addr,
             stop,
@@ -231,12 +243,31 @@ impl tonic::codegen::Service<Request<Body>> for JoinService {
             let what = format!("{} is not served here", req.uri().path());
             return std::future::ready(Ok(status_response(tonic::Code::Unimplemented, &what)));
         }
-        let node = self.registry.next_node_id();
         let peer = req
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
+        let identity = match &self.options.auth {
+            None => None,
+            Some(verifier) => {
+                let headers = req.headers();
+                let checked =
+                    verifier.verify(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+                match checked {
+                    Ok(who) => Some(who),
+                    Err(e) => {
+                        let code = match e {
+                            petal_auth::AuthError::Unknown(_) => tonic::Code::PermissionDenied,
+                            _ => tonic::Code::Unauthenticated,
+                        };
+                        tracing::warn!(%peer, "refused a client: {e}");
+                        return std::future::ready(Ok(status_response(code, &e.to_string())));
+                    }
+                }
+            }
+        };
+        let node = self.registry.next_node_id();
         let (tx, rx) = mpsc::channel(2);
         let (replies_tx, replies) = mpsc::channel(1);
         let (abort_tx, abort) = oneshot::channel();
@@ -256,7 +287,16 @@ impl tonic::codegen::Service<Request<Body>> for JoinService {
             }),
         }));
         tokio::spawn(read_stream(req.into_body(), shared, replies_tx));
-        tracing::info!(node = node.0, %peer, "client joined");
+        match &identity {
+            Some(who) => tracing::info!(
+                node = node.0,
+                %peer,
+                key = %who.fingerprint,
+                "client joined as {}",
+                if who.comment.is_empty() { "(no comment)" } else { &who.comment }
+            ),
+            None => tracing::info!(node = node.0, %peer, "client joined"),
+        }
         let body = Outbound {
             body: ChunkBody::new(rx, true),
             abort,

@@ -450,6 +450,31 @@ pub struct LimitArgs {
     /// Seconds a new connection has to start HTTP/2.
     #[arg(long, default_value_t = 10.0)]
     pub handshake_timeout: f64,
+    /// Seconds between HTTP/2 keepalive pings to each client (0: none).
+    #[arg(long, default_value_t = 30.0)]
+    pub keepalive_interval: f64,
+    /// Seconds a client has to answer a ping; one that does not (a dead
+    /// link) is dropped from the federation.
+    #[arg(long, default_value_t = 20.0)]
+    pub keepalive_timeout: f64,
+}
+
+/// HTTP/2 keepalive from its two flags: `None` when the interval is 0.
+pub fn keepalive(interval: f64, timeout: f64) -> anyhow::Result<(Option<Duration>, Duration)> {
+    let check = |v: f64, flag: &str| {
+        anyhow::ensure!(
+            v.is_finite() && (0.0..=86_400.0).contains(&v),
+            "{flag} must be between 0 and 86400 seconds, not {v}"
+        );
+        Ok(Duration::from_secs_f64(v))
+    };
+    let interval = check(interval, "--keepalive-interval")?;
+    let timeout = check(timeout, "--keepalive-timeout")?;
+    anyhow::ensure!(
+        timeout >= Duration::from_millis(100),
+        "--keepalive-timeout must be at least 0.1 seconds"
+    );
+    Ok(((!interval.is_zero()).then_some(interval), timeout))
 }
 
 /// The strategy and its parameters (Flower's names; a parameter the
@@ -692,4 +717,89 @@ pub fn resolve_threads(n: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// TLS of `petal server` (Flower's flag names).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain of this server: clients then connect with TLS.
+    #[arg(long, requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM private key of --ssl-certfile.
+    #[arg(long, requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// PEM CA certificate: clients must present a certificate it signed
+    /// (mutual TLS).
+    #[arg(long, requires = "ssl_certfile")]
+    pub ssl_ca_certfile: Option<PathBuf>,
+    /// Serve plaintext on an address other than loopback (without it such
+    /// a server refuses to start, as flower-superlink does).
+    #[arg(long, conflicts_with = "ssl_certfile")]
+    pub insecure: bool,
+}
+
+impl ServerTlsArgs {
+    /// The TLS configuration for a server on `addr`; refuses plaintext
+    /// beyond loopback without --insecure.
+    pub fn config(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Option<std::sync::Arc<petal_server::tls::ServerConfig>>> {
+        match (&self.ssl_certfile, &self.ssl_keyfile) {
+            (Some(cert), Some(key)) => {
+                let files = petal_server::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.ssl_ca_certfile.clone(),
+                };
+                Ok(Some(petal_server::tls::server_config(&files)?))
+            }
+            _ => {
+                anyhow::ensure!(
+                    addr.ip().is_loopback() || self.insecure,
+                    "--address {addr} is reachable from other machines: give --ssl-certfile and \
+                     --ssl-keyfile for TLS, or --insecure to serve plaintext anyway"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// TLS of `petal client`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// PEM CA certificate that signed the server's: connect with TLS.
+    #[arg(long)]
+    pub root_certificates: Option<PathBuf>,
+    /// This client's PEM certificate, for a server that asks for one
+    /// (--ssl-ca-certfile).
+    #[arg(long = "ssl-certfile", requires_all = ["root_certificates", "client_keyfile"])]
+    pub client_certfile: Option<PathBuf>,
+    /// PEM private key of --ssl-certfile.
+    #[arg(long = "ssl-keyfile", requires = "client_certfile")]
+    pub client_keyfile: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The client's TLS settings, the files read now.
+    pub fn load(&self) -> anyhow::Result<Option<petal_client::ClientTls>> {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+        let Some(ca) = &self.root_certificates else {
+            return Ok(None);
+        };
+        let ca_pem = read(ca)?;
+        petal_server::tls::read_certs(ca)?;
+        let identity = match (&self.client_certfile, &self.client_keyfile) {
+            (Some(c), Some(k)) => {
+                petal_server::tls::read_certs(c)?;
+                Some((read(c)?, read(k)?))
+            }
+            _ => None,
+        };
+        Ok(Some(petal_client::ClientTls {
+            ca: ca_pem,
+            identity,
+        }))
+    }
 }

@@ -95,6 +95,8 @@ fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
         .filter(|d| !d.is_zero())
         .context("--handshake-timeout must be a positive number of seconds")?;
     anyhow::ensure!(round.rounds >= 1, "--rounds must be at least 1");
+    let (keepalive_interval, keepalive_timeout) =
+        crate::args::keepalive(l.keepalive_interval, l.keepalive_timeout)?;
     let defaults = ServerOptions::default();
     Ok(ServerOptions {
         max_message_bytes,
@@ -106,6 +108,8 @@ fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
         max_streams_per_connection: l.max_streams_per_connection,
         max_connections_per_ip: l.max_connections_per_ip,
         handshake_timeout,
+        keepalive_interval,
+        keepalive_timeout,
         ..defaults
     })
 }
@@ -114,7 +118,20 @@ fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
 pub async fn server(args: &ServerArgs) -> anyhow::Result<History> {
     args.learner.train.validate()?;
     let registry = Arc::new(Registry::new());
-    let options = server_options(&args.federation.round)?;
+    let mut options = server_options(&args.federation.round)?;
+    options.tls = args.tls.config(args.address)?;
+    if let Some(path) = &args.auth_keys {
+        let keys = petal_auth::AuthorizedKeys::load(path)?;
+        tracing::info!(
+            "only the {} client keys of {} may join",
+            keys.len(),
+            path.display()
+        );
+        options.auth = Some(Arc::new(petal_auth::Verifier::new(
+            keys,
+            petal_auth::DEFAULT_WINDOW,
+        )));
+    }
     let prepared = prepare(&args.federation, &args.learner)?;
     let grpc = GrpcServer::start(args.address, registry.clone(), options).await?;
     let mut run = open_run_dir(&args.federation.round)?;
@@ -644,6 +661,14 @@ async fn serve_clients(args: &ClientArgs) -> anyhow::Result<()> {
     let (learner, ids, slots) = share_process(learner, args.clients, args.max_concurrent_fit)?;
     let mut opts = ConnectOptions::new(&args.server);
     opts.max_attempts = args.connect_attempts;
+    opts.tls = args.tls.load()?;
+    (opts.keepalive_interval, opts.keepalive_timeout) =
+        crate::args::keepalive(args.keepalive_interval, args.keepalive_timeout)?;
+    if let Some(path) = &args.auth_key {
+        let key = petal_auth::NodeKey::load(path)?;
+        tracing::info!("signing joins with key {}", key.public().fingerprint());
+        opts.auth = Some(key);
+    }
     let cache = tempfile::Builder::new()
         .prefix("petal-client-")
         .tempdir()
@@ -880,6 +905,12 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if fit > min {
         bail!("--fit-clients {fit} is more than --min-clients {min}");
     }
+    anyhow::ensure!(
+        args.address.ip().is_loopback() || args.insecure,
+        "--address {} is reachable from other machines and `petal run` serves plaintext: \
+         use a loopback address, or --insecure",
+        args.address
+    );
     // Check the settings and the data once here rather than in every
     // client process.
     let mut check = args.learner.clone();

@@ -186,6 +186,13 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_parser = args::listen_address)]
     pub address: std::net::SocketAddr,
     #[command(flatten)]
+    pub tls: args::ServerTlsArgs,
+    /// OpenSSH public keys (one per line, `ecdsa-sha2-nistp256 AAAA... name`)
+    /// of the clients allowed to join; others are refused (clients sign
+    /// with --auth-key).
+    #[arg(long)]
+    pub auth_keys: Option<std::path::PathBuf>,
+    #[command(flatten)]
     pub federation: FederationArgs,
     /// The training settings sent to clients, and the learner and data the
     /// server evaluates with (--server-eval).
@@ -212,6 +219,21 @@ pub struct ClientArgs {
     /// Server address, host:port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: args::ClientTlsArgs,
+    /// Private key (`petal keys generate`) every join is signed with, for a
+    /// server started with --auth-keys.
+    #[arg(long)]
+    pub auth_key: Option<std::path::PathBuf>,
+    /// Seconds between HTTP/2 keepalive pings to the server (0: none). gRPC
+    /// servers (Flower's) refuse pings more often than every 300 s; a Petal
+    /// server allows any interval.
+    #[arg(long, default_value_t = 300.0)]
+    pub keepalive_interval: f64,
+    /// Seconds the server has to answer a ping before the connection
+    /// counts as dead and the client rejoins.
+    #[arg(long, default_value_t = 20.0)]
+    pub keepalive_timeout: f64,
     /// Where fit and evaluate run.
     #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
     pub isolation: Isolation,
@@ -260,6 +282,10 @@ pub struct RunArgs {
     /// Address the server listens on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0", value_parser = args::listen_address)]
     pub address: std::net::SocketAddr,
+    /// Let --address be reachable from other machines (the run's own
+    /// clients connect in plaintext; use `petal server` with TLS for others).
+    #[arg(long)]
+    pub insecure: bool,
     /// Where clients run fit and evaluate.
     #[arg(long, value_enum, default_value_t = Isolation::Subprocess)]
     pub isolation: Isolation,

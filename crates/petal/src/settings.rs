@@ -55,6 +55,13 @@ const OPERATIONAL: &[&str] = &[
     "python",
     "log-format",
     "no-progress",
+    "ssl-certfile",
+    "ssl-keyfile",
+    "ssl-ca-certfile",
+    "insecure",
+    "auth-keys",
+    "keepalive-interval",
+    "keepalive-timeout",
 ];
 
 /// Flags that are not settings of the computation at all.

@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -87,16 +87,51 @@ fn npy_bytes_match_numpy() {
     );
 }
 
+/// A throwaway CA and server certificate for 127.0.0.1 in `dir/certs`.
+fn certs(dir: &std::path::Path) -> PathBuf {
+    let out = dir.join("certs");
+    let ok = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tls/make-certs.sh"))
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "make-certs.sh failed");
+    out
+}
+
 #[test]
 fn flower_numpy_clients_join_a_petal_server() {
+    flower_clients_join_petal(false);
+}
+
+/// A Flower client with `root_certificates` joins a Petal TLS server.
+#[test]
+fn flower_numpy_clients_join_a_petal_tls_server() {
+    flower_clients_join_petal(true);
+}
+
+fn flower_clients_join_petal(tls: bool) {
     if skip() {
         return;
     }
     let py = python();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_petal"))
-        .args(["server", "--address", "127.0.0.1:0", "--rounds", "2"])
+    let certs = tls.then(|| certs(dir.path()));
+    let mut server = Command::new(env!("CARGO_BIN_EXE_petal"));
+    if let Some(c) = &certs {
+        server
+            .arg("server")
+            .arg("--ssl-certfile")
+            .arg(c.join("server.pem"))
+            .arg("--ssl-keyfile")
+            .arg(c.join("server.key"));
+    } else {
+        server.arg("server");
+    }
+    let mut server = server
+        .args(["--address", "127.0.0.1:0", "--rounds", "2"])
         .args([
             "--min-available-clients",
             "2",
@@ -133,9 +168,11 @@ fn flower_numpy_clients_join_a_petal_server() {
         .map(|(i, log)| {
             let mut c = no_proxy(Command::new(&py));
             c.arg(script("numpy_client.py"))
-                .args([&addr, &i.to_string(), log.to_str().unwrap()])
-                .spawn()
-                .unwrap()
+                .args([&addr, &i.to_string(), log.to_str().unwrap()]);
+            if let Some(certs) = &certs {
+                c.arg(certs.join("ca.crt"));
+            }
+            c.spawn().unwrap()
         })
         .collect();
     let status = wait(&mut server, "petal server", Duration::from_secs(180));
@@ -173,6 +210,17 @@ fn flower_numpy_clients_join_a_petal_server() {
 
 #[test]
 fn petal_clients_join_a_flower_server() {
+    petal_clients_join_flower(false);
+}
+
+/// Petal clients join a Flower server started with
+/// `certificates=(ca, cert, key)`.
+#[test]
+fn petal_clients_join_a_flower_tls_server() {
+    petal_clients_join_flower(true);
+}
+
+fn petal_clients_join_flower(tls: bool) {
     if skip() {
         return;
     }
@@ -180,15 +228,26 @@ fn petal_clients_join_a_flower_server() {
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path().join("flower_history.json");
     let addr = format!("127.0.0.1:{}", support::free_port());
-    let mut server = no_proxy(Command::new(&py))
+    let certs = tls.then(|| certs(dir.path()));
+    let mut server = no_proxy(Command::new(&py));
+    server
         .arg(script("flower_server.py"))
-        .args([&addr, "2", h.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+        .args([&addr, "2", h.to_str().unwrap()]);
+    if let Some(c) = &certs {
+        server.arg(c);
+    }
+    let mut server = server.spawn().unwrap();
     let mut clients: Vec<Child> = (0..2)
         .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_petal"))
-                .args(["client", "--server", &addr, "--connect-attempts", "20"])
+            let mut c = Command::new(env!("CARGO_BIN_EXE_petal"));
+            if let Some(certs) = &certs {
+                c.arg("client")
+                    .arg("--root-certificates")
+                    .arg(certs.join("ca.crt"));
+            } else {
+                c.arg("client");
+            }
+            c.args(["--server", &addr, "--connect-attempts", "20"])
                 .args(["--dataset", "synthetic", "--synthetic-shape", "1x16x16"])
                 .args(["--partition-id", &i.to_string(), "--num-partitions", "2"])
                 .args(["--isolation", if i == 0 { "none" } else { "subprocess" }])

@@ -25,6 +25,8 @@ enum Act {
     NanInit,
     /// Never answers a request for initial parameters.
     SilentInit,
+    /// Its first fit is lost with its connection (it leaves and fails).
+    LostOnce,
 }
 
 /// An in-process client that "trains" by adding its offset.
@@ -80,7 +82,16 @@ impl ClientProxy for Fake {
                         r.unregister(self.node);
                     }
                 }
-                Act::Honest | Act::NanInit | Act::SilentInit => {}
+                Act::LostOnce if self.seen.lock().unwrap().len() == 1 => {
+                    if let Some(r) = self.registry.upgrade() {
+                        r.unregister(self.node);
+                    }
+                    return Err(CoreError::Client {
+                        node: self.node,
+                        reason: "stream error: connection lost".into(),
+                    });
+                }
+                Act::LostOnce | Act::Honest | Act::NanInit | Act::SilentInit => {}
             }
             Ok(FitRes {
                 parameters: Parameters::new(tensors),
@@ -235,6 +246,58 @@ async fn a_client_leaving_after_fit_does_not_stop_the_run() {
             .all(|r| r.skipped.is_none() && r.fit_results == 2)
     );
     assert_eq!(f.registry.num_available(), 2);
+}
+
+#[tokio::test]
+async fn a_step_whose_every_client_was_lost_is_played_again_when_they_return() {
+    let f = fleet(&[(1.0, 1, Act::LostOnce), (3.0, 1, Act::LostOnce)]);
+    let mut strategy = fedavg(2, 2);
+    let cfg = RunConfig {
+        wait_timeout: None,
+        ..config(2)
+    };
+    let rejoin = async {
+        // The outage: both clients leave in their first fit, then return.
+        while f.registry.num_available() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // They rejoin as new nodes, as over a network.
+        for c in &f.clients {
+            f.registry.register(Arc::new(Fake {
+                node: f.registry.next_node_id(),
+                act: Act::Honest,
+                seen: Mutex::new(Vec::new()),
+                registry: c.registry.clone(),
+                in_flight: c.in_flight.clone(),
+                peak: c.peak.clone(),
+                ..**c
+            }));
+        }
+    };
+    let (h, ()) = tokio::join!(
+        run_federation(&*f.registry, &mut strategy, &cfg, None, &()),
+        rejoin
+    );
+    let h = h.unwrap();
+    assert_eq!(h.rounds.len(), 2);
+    let r = &h.rounds[0];
+    assert_eq!(r.skipped, None);
+    assert_eq!((r.fit_results, r.fit_failures), (2, 2), "{:?}", r.failures);
+    assert!(
+        r.failures
+            .iter()
+            .all(|x| x.reason.contains("connection lost"))
+    );
+    assert_eq!(r.eval_results, 2, "round 1 is evaluated after its replay");
+    assert_eq!((h.rounds[1].fit_results, h.rounds[1].fit_failures), (2, 0));
+
+    // Clients that answer with an error stay connected: no replay.
+    let f = fleet(&[(0.0, 1, Act::Fail), (0.0, 1, Act::Fail)]);
+    let mut strategy = fedavg(2, 2);
+    let h = run_federation(&*f.registry, &mut strategy, &config(1), None, &())
+        .await
+        .unwrap();
+    assert_eq!((h.rounds[0].fit_results, h.rounds[0].fit_failures), (0, 2));
 }
 
 #[tokio::test]

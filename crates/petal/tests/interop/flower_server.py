@@ -1,13 +1,22 @@
 """Flower's legacy gRPC server with FedAvg; writes its History as JSON.
 
-Usage: flower_server.py ADDRESS ROUNDS HISTORY_PATH
+Usage: flower_server.py ADDRESS ROUNDS HISTORY_PATH [CERT_DIR]
+With CERT_DIR (examples/tls/make-certs.sh), the server uses TLS:
+certificates=(ca.crt, server.pem, server.key).
 """
 import json
 import sys
+from pathlib import Path
 
 import flwr as fl
 
 address, rounds, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+certificates = None
+if len(sys.argv) > 4:
+    certs = Path(sys.argv[4])
+    certificates = tuple(
+        (certs / name).read_bytes() for name in ("ca.crt", "server.pem", "server.key")
+    )
 
 
 def weighted(metrics):
@@ -26,6 +35,7 @@ history = fl.server.start_server(
     server_address=address,
     config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=300),
     strategy=strategy,
+    certificates=certificates,
 )
 with open(out, "w") as f:
     json.dump({

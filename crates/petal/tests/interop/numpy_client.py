@@ -1,9 +1,11 @@
 """A Flower NumPyClient (legacy API) that logs what it receives and returns.
 
-Usage: numpy_client.py SERVER CLIENT_ID LOG_PATH
+Usage: numpy_client.py SERVER CLIENT_ID LOG_PATH [ROOT_CERTIFICATES]
+With ROOT_CERTIFICATES (a CA's PEM file), the client connects with TLS.
 """
 import json
 import sys
+from pathlib import Path
 
 import flwr as fl
 import numpy as np
@@ -40,5 +42,6 @@ class Client(fl.client.NumPyClient):
         return loss, 5 + cid, {"accuracy": 0.25 * (cid + 1)}
 
 
-fl.client.start_numpy_client(server_address=server, client=Client())
+root = Path(sys.argv[4]).read_bytes() if len(sys.argv) > 4 else None
+fl.client.start_numpy_client(server_address=server, client=Client(), root_certificates=root)
 dump()

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod flower;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -110,6 +111,14 @@ impl Server {
     /// Waits for the server to exit (killing it after `limit`).
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         wait(&mut self.child, "petal server", limit)
+    }
+}
+
+impl Drop for Server {
+    /// A server a test is done with never outlives it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
