@@ -8,7 +8,7 @@ For each N and each kind of node (`flower`: Flower's `flower-supernode`;
 subprocess`, the same as `petal` with no-op training, which needs no
 worker), starts
 a fresh SuperLink (plain HTTP, 127.0.0.1), N nodes, waits until all are
-online, and runs the FedAvg ServerApp of crates/petal/tests/fleet/app for
+online, and runs the FedAvg ServerApp of examples/flower-app for
 ROUNDS rounds with no-op training on every node (Flower: a NumPy ClientApp
 that scales the arrays; Petal: `--device noop`). Measured on the node
 process trees only (the SuperLink and ServerApp are the same for all):
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from treemem import mem_kb, tree  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "crates/petal/tests/fleet/app"
+APP = Path(__file__).resolve().parent.parent / "examples/flower-app"
 TICK = os.sysconf("SC_CLK_TCK")
 
 

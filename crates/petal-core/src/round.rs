@@ -200,7 +200,9 @@ pub async fn run_federation(
             sample_seed: seed,
             history_crc32: Some(history_digest(&history, round)),
         };
-        observer.round_done(&history, &checkpoint)?;
+        // Writing (and syncing) the run folder can take seconds on a busy
+        // disk: off the async runtime, so connections keep being served.
+        aggregate_off_runtime(|| observer.round_done(&history, &checkpoint))?;
         match skip_reason {
             None => skipped_in_a_row = 0,
             Some(reason) => {
@@ -249,7 +251,7 @@ fn salt(phase: Phase) -> u64 {
     }
 }
 
-/// Runs `f` (an aggregation, O(n²·d) for Krum) on this worker thread
+/// Runs `f` (an aggregation, O(n²·d) for Krum; writing the run folder) on this worker thread
 /// without holding up the runtime's other tasks, when the runtime has more
 /// than one thread.
 fn aggregate_off_runtime<T>(f: impl FnOnce() -> T) -> T {

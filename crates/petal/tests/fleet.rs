@@ -1,5 +1,5 @@
 //! Petal nodes in a real Flower federation (Fleet API, `flwr==1.41.0`): a
-//! Flower SuperLink runs the FedAvg ServerApp of `tests/fleet/app`, Python
+//! Flower SuperLink runs the FedAvg ServerApp of `examples/flower-app`, Python
 //! SuperNodes and `petal node`s answer it side by side. The ServerApp checks
 //! every aggregate against NumPy and prints `PETAL-CHECK` lines.
 
@@ -62,6 +62,11 @@ fn signal(sig: &str, target: &str) {
         .args([&format!("-{sig}"), "--", target])
         .stderr(Stdio::null())
         .status();
+}
+
+/// The FedAvg ServerApp of `examples/flower-app`.
+fn flower_app() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flower-app")
 }
 
 /// A Flower tool with the venv first on `PATH` (the SuperLink and the
@@ -234,7 +239,7 @@ impl Federation {
     fn run(&self, nodes: usize, rounds: usize) -> String {
         let mut cmd = self.flwr();
         cmd.arg("run")
-            .arg(fixture("fleet", "app"))
+            .arg(flower_app())
             .args(["local", "--stream", "--run-config"])
             .arg(format!("num-server-rounds={rounds} min-nodes={nodes}"));
         let mut run = Proc::spawn(cmd, self.dir.path(), "flwr-run");
@@ -348,9 +353,7 @@ fn python_learners_join_a_flower_federation_through_petal_nodes() {
     );
     let py = python();
     let mut cmd = fed.petal_node(0, 2, "subprocess", &["--nodes", "2", "--learner", &learner]);
-    cmd.arg("--python")
-        .arg(&py)
-        .env("PYTHONPATH", fixture("fleet", "app"));
+    cmd.arg("--python").arg(&py).env("PYTHONPATH", flower_app());
     let mut node = Proc::spawn(cmd, fed.dir.path(), "petal-python-nodes");
     let rounds = 2;
     let out = fed.run(3, rounds);
