@@ -330,18 +330,15 @@ impl Step<'_> {
         loop {
             let first_failure = record.failures.len();
             self.fit_once(strategy, parameters, record).await?;
-            if record.fit_results > 0
-                || replays >= MAX_REPLAYS
-                || !self.all_lost(&record.failures[first_failure..])
-            {
+            let results = record.fit_results;
+            if !self.replay(
+                Phase::Fit,
+                results,
+                &record.failures[first_failure..],
+                &mut replays,
+            ) {
                 break;
             }
-            replays += 1;
-            tracing::warn!(
-                "round {}: every client sampled to fit was lost; playing the fit step again \
-                 once enough clients are connected (replay {replays}/{MAX_REPLAYS})",
-                self.round
-            );
         }
         let aggregated = aggregate_off_runtime(|| strategy.aggregate_fit(self.round, parameters));
         Ok(aggregated.and_then(|(p, metrics)| {
@@ -358,15 +355,33 @@ impl Step<'_> {
         }))
     }
 
-    /// Whether a step's `failures` all belong to clients that are gone (a
-    /// network outage, a server whose link went down): then the step is
-    /// played again rather than lost. Clients that answered with an error
-    /// stay connected, so their failures never cause a replay.
-    fn all_lost(&self, failures: &[Failure]) -> bool {
-        !failures.is_empty()
+    /// Whether a step that gave no result is played again: when its
+    /// `failures` all belong to clients that are gone (a network outage, a
+    /// server whose link went down), at most [`MAX_REPLAYS`] times. Clients
+    /// that answered with an error stay connected, so their failures never
+    /// cause a replay.
+    fn replay(
+        &self,
+        phase: Phase,
+        results: usize,
+        failures: &[Failure],
+        replays: &mut usize,
+    ) -> bool {
+        let all_lost = !failures.is_empty()
             && failures
                 .iter()
-                .all(|f| f.node.is_some_and(|n| self.manager.get(n).is_none()))
+                .all(|f| f.node.is_some_and(|n| self.manager.get(n).is_none()));
+        if results > 0 || *replays >= MAX_REPLAYS || !all_lost {
+            return false;
+        }
+        *replays += 1;
+        tracing::warn!(
+            "round {}: every client sampled to {} was lost; playing the step again once enough \
+             clients are connected (replay {replays}/{MAX_REPLAYS})",
+            self.round,
+            phase.name()
+        );
+        true
     }
 
     /// One attempt at the fit step: sample, fan out, fold.
@@ -462,18 +477,15 @@ impl Step<'_> {
             if !self.evaluate_once(strategy, parameters, record).await {
                 return;
             }
-            if record.eval_results > 0
-                || replays >= MAX_REPLAYS
-                || !self.all_lost(&record.failures[first_failure..])
-            {
+            let results = record.eval_results;
+            if !self.replay(
+                Phase::Evaluate,
+                results,
+                &record.failures[first_failure..],
+                &mut replays,
+            ) {
                 break;
             }
-            replays += 1;
-            tracing::warn!(
-                "round {}: every client sampled to evaluate was lost; playing the evaluate step \
-                 again once enough clients are connected (replay {replays}/{MAX_REPLAYS})",
-                self.round
-            );
         }
         let mut summary = strategy.aggregate_evaluate(self.round);
         record.loss = summary.loss;

@@ -249,30 +249,32 @@ fn three_client_hosts_join_a_tls_server_with_signed_joins() {
     }
 }
 
+/// A server on host 0 (run folder `dir/run`, `rounds` rounds, three
+/// clients sampled, `extra` flags) and three clients on hosts 1–3, all
+/// pinging every second and giving up on a silent peer after 2 s; the
+/// clients keep trying to rejoin through long outages.
+fn keepalive_federation(lan: &Lan, dir: &Path, rounds: u64, extra: &[&str]) -> (Proc, Vec<Proc>) {
+    let s = secrets(dir, &lan.ip(0), 3);
+    let keepalive = ["--keepalive-interval", "1", "--keepalive-timeout", "2"];
+    let rounds = rounds.to_string();
+    let mut args = vec!["--rounds", &rounds, "--min-available-clients", "3"];
+    args.extend(["--fit-clients", "3", "--epochs", "3"]);
+    args.extend(keepalive);
+    args.extend(extra);
+    let srv = server(lan, &s, &dir.join("run"), &args);
+    let mut flags = vec!["--connect-attempts", "1000"];
+    flags.extend(keepalive);
+    let clients = (0..3).map(|i| client(lan, &s, i, 3, &flags)).collect();
+    (srv, clients)
+}
+
 #[test]
 fn a_client_cut_off_mid_round_is_dropped_and_rejoins() {
     let Some(lan) = lan(4) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s = secrets(dir.path(), &lan.ip(0), 3);
     let out = dir.path().join("run");
-    let keepalive = ["--keepalive-interval", "1", "--keepalive-timeout", "2"];
-    let mut args = vec![
-        "--rounds",
-        "4",
-        "--min-available-clients",
-        "3",
-        "--fit-clients",
-        "3",
-        "--call-timeout",
-        "4",
-        "--epochs",
-        "3",
-    ];
-    args.extend(keepalive);
-    let mut srv = server(&lan, &s, &out, &args);
-    let mut extra = vec!["--connect-attempts", "1000"];
-    extra.extend(keepalive);
-    let mut clients: Vec<Proc> = (0..3).map(|i| client(&lan, &s, i, 3, &extra)).collect();
+    let (mut srv, mut clients) =
+        keepalive_federation(&lan, dir.path(), 4, &["--call-timeout", "4"]);
 
     // Host 3's link goes down as round 1 ends: round 2 samples it (the
     // server does not know yet) and must finish without it.
@@ -329,24 +331,8 @@ fn a_client_cut_off_mid_round_is_dropped_and_rejoins() {
 fn the_server_cut_off_for_30_seconds_loses_no_round() {
     let Some(lan) = lan(4) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s = secrets(dir.path(), &lan.ip(0), 3);
     let out = dir.path().join("run");
-    let keepalive = ["--keepalive-interval", "1", "--keepalive-timeout", "2"];
-    let mut args = vec![
-        "--rounds",
-        "3",
-        "--min-available-clients",
-        "3",
-        "--fit-clients",
-        "3",
-        "--epochs",
-        "3",
-    ];
-    args.extend(keepalive);
-    let mut srv = server(&lan, &s, &out, &args);
-    let mut extra = vec!["--connect-attempts", "1000"];
-    extra.extend(keepalive);
-    let mut clients: Vec<Proc> = (0..3).map(|i| client(&lan, &s, i, 3, &extra)).collect();
+    let (mut srv, mut clients) = keepalive_federation(&lan, dir.path(), 3, &[]);
 
     srv.wait_for("round 1: loss", Duration::from_secs(60));
     lan.link(0, false);
