@@ -189,6 +189,16 @@ fn client(lan: &Lan, s: &Secrets, i: usize, n: usize, extra: &[&str]) -> Proc {
     Proc::start(cmd, &format!("client {i}"))
 }
 
+/// Waits for the server (at most `limit`) and then its clients to exit
+/// successfully.
+fn all_succeed(srv: &mut Proc, clients: &mut [Proc], limit: Duration) {
+    assert!(srv.wait(limit).success(), "{}", srv.log());
+    for c in clients {
+        let status = c.wait(Duration::from_secs(30));
+        assert!(status.success(), "{}:\n{}", c.name, c.log());
+    }
+}
+
 fn fit_counts(dir: &Path) -> Vec<(u64, u64)> {
     history(dir)["rounds"]
         .as_array()
@@ -223,15 +233,7 @@ fn three_client_hosts_join_a_tls_server_with_signed_joins() {
         ],
     );
     let mut clients: Vec<Proc> = (0..3).map(|i| client(&lan, &s, i, 3, &[])).collect();
-    assert!(
-        srv.wait(Duration::from_secs(120)).success(),
-        "{}",
-        srv.log()
-    );
-    for c in &mut clients {
-        let status = c.wait(Duration::from_secs(30));
-        assert!(status.success(), "{}:\n{}", c.name, c.log());
-    }
+    all_succeed(&mut srv, &mut clients, Duration::from_secs(120));
     assert_eq!(fit_counts(&out), vec![(3, 0), (3, 0)]);
     let log = srv.log();
     assert!(log.contains("(TLS) listening on 10.77.0.1:8443"), "{log}");
@@ -294,15 +296,7 @@ fn a_client_cut_off_mid_round_is_dropped_and_rejoins() {
         srv.log()
     );
     lan.link(3, true);
-    assert!(
-        srv.wait(Duration::from_secs(120)).success(),
-        "{}",
-        srv.log()
-    );
-    for c in &mut clients {
-        let status = c.wait(Duration::from_secs(30));
-        assert!(status.success(), "{}:\n{}", c.name, c.log());
-    }
+    all_succeed(&mut srv, &mut clients, Duration::from_secs(120));
     let counts = fit_counts(&out);
     assert_eq!(counts[0], (3, 0));
     assert_eq!(counts[1], (2, 1), "round 2 completes without host 3");
@@ -342,15 +336,7 @@ fn the_server_cut_off_for_30_seconds_loses_no_round() {
     }
     std::thread::sleep(Duration::from_secs(30));
     lan.link(0, true);
-    assert!(
-        srv.wait(Duration::from_secs(180)).success(),
-        "{}",
-        srv.log()
-    );
-    for c in &mut clients {
-        let status = c.wait(Duration::from_secs(30));
-        assert!(status.success(), "{}:\n{}", c.name, c.log());
-    }
+    all_succeed(&mut srv, &mut clients, Duration::from_secs(180));
     let h = history(&out);
     let rounds = h["rounds"].as_array().unwrap();
     let numbers: Vec<u64> = rounds
