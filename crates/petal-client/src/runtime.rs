@@ -79,15 +79,7 @@ fn tls_mismatch(reason: &str, tls: bool) -> Option<(String, bool)> {
             true,
         ));
     }
-    let dropped = [
-        "connection closed",
-        "connection reset",
-        "broken pipe",
-        "frame with invalid size",
-        "unexpected end of file",
-        "h2 protocol error",
-    ];
-    if !tls && dropped.iter().any(|d| reason.to_lowercase().contains(d)) {
+    if !tls && closed_early(reason) {
         return Some((
             "the server closed the connection at once: if it uses TLS, pass \
              --root-certificates CA (and --ssl-certfile/--ssl-keyfile if it asks for a client \
@@ -201,7 +193,8 @@ async fn connect(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     }
 }
 
-/// Whether a failed join looks like the connection was closed under it.
+/// Whether a failed connection or join looks like the server closed the
+/// connection under it.
 fn closed_early(reason: &str) -> bool {
     let r = reason.to_lowercase();
     [
@@ -211,6 +204,9 @@ fn closed_early(reason: &str) -> bool {
         "connection closed",
         "connection reset",
         "broken pipe",
+        "frame with invalid size",
+        "unexpected end of file",
+        "h2 protocol error",
     ]
     .iter()
     .any(|k| r.contains(k))

@@ -179,28 +179,20 @@ pub async fn accept_loop(
         let (out, handshakes) = (out.clone(), handshakes.clone());
         tokio::spawn(async move {
             let timeout = limits.handshake_timeout;
-            match tokio::time::timeout(timeout, tls_handshake(acceptor, socket)).await {
+            let why = match tokio::time::timeout(timeout, tls_handshake(acceptor, socket)).await {
                 Ok(Ok(stream)) => {
                     let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot, timeout);
                     let _ = out.send(conn).await;
+                    return;
                 }
-                Ok(Err(why)) => {
-                    let tick = handshakes.lock().unwrap_or_else(|e| e.into_inner()).tick();
-                    if let Some(n) = tick {
-                        tracing::warn!(
-                            "TLS handshake with {peer} failed: {why} ({n} failure(s) in the last 10 s)"
-                        );
-                    }
-                }
-                Err(_) => {
-                    let tick = handshakes.lock().unwrap_or_else(|e| e.into_inner()).tick();
-                    if let Some(n) = tick {
-                        tracing::warn!(
-                            "TLS handshake with {peer} took longer than {:.0} s: closed ({n} failure(s) in the last 10 s)",
-                            timeout.as_secs_f64()
-                        );
-                    }
-                }
+                Ok(Err(why)) => why,
+                Err(_) => format!("took longer than {:.0} s", timeout.as_secs_f64()),
+            };
+            let tick = handshakes.lock().unwrap_or_else(|e| e.into_inner()).tick();
+            if let Some(n) = tick {
+                tracing::warn!(
+                    "TLS handshake with {peer} failed: {why} ({n} failure(s) in the last 10 s)"
+                );
             }
         });
     }
@@ -217,16 +209,18 @@ async fn tls_handshake(
         Err(e) => return Err(e.to_string()),
         Ok(_) => {}
     }
-    match crate::tls::first_byte_kind(first[0]) {
-        "tls" => {}
-        "plaintext HTTP/2" => {
+    match crate::tls::FirstByte::of(first[0]) {
+        crate::tls::FirstByte::Tls => {}
+        crate::tls::FirstByte::PlainHttp2 => {
             return Err(
                 "the client speaks plaintext to this TLS server: it needs the CA \
                  (`petal client --root-certificates CA`, Flower's `root_certificates`)"
                     .into(),
             );
         }
-        _ => return Err(format!("not a TLS client (first byte 0x{:02x})", first[0])),
+        crate::tls::FirstByte::Other => {
+            return Err(format!("not a TLS client (first byte 0x{:02x})", first[0]));
+        }
     }
     acceptor.accept(socket).await.map_err(|e| e.to_string())
 }
@@ -235,6 +229,19 @@ async fn tls_handshake(
 enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What [`Conn`] needs of its bytes.
+trait Stream: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Stream for T {}
+
+impl Io {
+    fn stream(&mut self) -> Pin<&mut dyn Stream> {
+        match self {
+            Io::Plain(io) => Pin::new(io),
+            Io::Tls(io) => Pin::new(io.as_mut()),
+        }
+    }
 }
 
 impl Conn {
@@ -304,10 +311,7 @@ impl AsyncRead for Conn {
             )));
         }
         let before = buf.filled().len();
-        let r = match &mut this.io {
-            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
-        };
+        let r = this.io.stream().poll_read(cx, buf);
         if this.deadline.is_some() {
             this.preface += buf.filled().len() - before;
             if this.preface >= PREFACE_LEN {
@@ -324,24 +328,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
+        self.get_mut().io.stream().poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_flush(cx),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
-        }
+        self.get_mut().io.stream().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
+        self.get_mut().io.stream().poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -349,10 +344,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Io::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        self.get_mut().io.stream().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -99,13 +99,23 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
 }
 
 /// What the first byte a client sends says about it.
-pub(crate) fn first_byte_kind(b: u8) -> &'static str {
-    match b {
-        // A TLS handshake record.
-        0x16 => "tls",
-        // `PRI * HTTP/2.0`: the plaintext HTTP/2 preface.
-        b'P' => "plaintext HTTP/2",
-        _ => "unknown",
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FirstByte {
+    /// A TLS handshake record.
+    Tls,
+    /// `PRI * HTTP/2.0`: the plaintext HTTP/2 preface.
+    PlainHttp2,
+    /// Neither.
+    Other,
+}
+
+impl FirstByte {
+    pub(crate) fn of(b: u8) -> FirstByte {
+        match b {
+            0x16 => FirstByte::Tls,
+            b'P' => FirstByte::PlainHttp2,
+            _ => FirstByte::Other,
+        }
     }
 }
 
@@ -138,8 +148,8 @@ mod tests {
 
     #[test]
     fn first_bytes_tell_tls_from_plaintext() {
-        assert_eq!(first_byte_kind(0x16), "tls");
-        assert_eq!(first_byte_kind(b'P'), "plaintext HTTP/2");
-        assert_eq!(first_byte_kind(b'G'), "unknown");
+        assert_eq!(FirstByte::of(0x16), FirstByte::Tls);
+        assert_eq!(FirstByte::of(b'P'), FirstByte::PlainHttp2);
+        assert_eq!(FirstByte::of(b'G'), FirstByte::Other);
     }
 }

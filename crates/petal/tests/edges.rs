@@ -55,6 +55,14 @@ fn bad_settings_are_refused_in_one_line_before_anything_starts() {
             "'localhost' is not host:port",
         ),
         (vec!["--rounds", "0"], "--rounds must be at least 1"),
+        (
+            vec!["--keepalive-timeout", "0"],
+            "--keepalive-timeout must be at least 0.1 seconds",
+        ),
+        (
+            vec!["--keepalive-interval=-1"],
+            "--keepalive-interval must be between 0 and 86400 seconds",
+        ),
     ];
     #[cfg(not(feature = "cuda"))]
     let cases = {
