@@ -10,7 +10,7 @@
 //! skips the round (recorded with its reason); the run stops early only
 //! when `max_skipped_rounds` rounds in a row were skipped.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,6 +67,13 @@ pub struct RunConfig {
     /// `None`: wait for clients that can (a server open to anyone, where
     /// failing peers must not end the run), bounded by `wait_timeout`.
     pub initial_model_attempts: Option<usize>,
+    /// Fold each step's results in ascending client id, whatever order
+    /// they arrive in (a reorder buffer of at most the calls in flight):
+    /// the aggregate is then the same to the bit for a seed, however
+    /// many workers trained and whenever they finished. Off: each result
+    /// is folded as it arrives (no buffering; float sums may differ in
+    /// the last bits between runs).
+    pub fold_in_order: bool,
 }
 
 impl Default for RunConfig {
@@ -81,6 +88,7 @@ impl Default for RunConfig {
             sample_seed: 0,
             parameter_names: None,
             initial_model_attempts: None,
+            fold_in_order: false,
         }
     }
 }
@@ -395,7 +403,11 @@ impl Step<'_> {
             .await
             .map_err(StepError::Skipped)?;
         let mut rng = step_rng(self.seed, self.round, salt(Phase::Fit));
-        let instructions = strategy.configure_fit(self.round, parameters, self.manager, &mut rng);
+        let mut instructions =
+            strategy.configure_fit(self.round, parameters, self.manager, &mut rng);
+        if self.config.fold_in_order {
+            instructions.sort_by_key(|(c, _)| c.node_id());
+        }
         if instructions.is_empty() {
             return Err(StepError::Skipped(
                 "configure_fit selected no clients".into(),
@@ -436,6 +448,7 @@ impl Step<'_> {
             self.observer,
             instructions,
             self.in_flight(parameters),
+            self.config.fold_in_order,
             |c, ins| async move { c.fit(ins, timeout).await },
             |node, result| {
                 let folded = result.and_then(|res| {
@@ -513,8 +526,11 @@ impl Step<'_> {
             return false;
         }
         let mut rng = step_rng(self.seed, self.round, salt(Phase::Evaluate));
-        let instructions =
+        let mut instructions =
             strategy.configure_evaluate(self.round, parameters, self.manager, &mut rng);
+        if self.config.fold_in_order {
+            instructions.sort_by_key(|(c, _)| c.node_id());
+        }
         if instructions.is_empty() {
             return false;
         }
@@ -532,6 +548,7 @@ impl Step<'_> {
             self.observer,
             instructions,
             self.in_flight(parameters),
+            self.config.fold_in_order,
             |c, ins| async move { c.evaluate(ins, timeout).await },
             |node, result| match result.and_then(|res| strategy.fold_evaluate(round, node, res)) {
                 Ok(()) => {
@@ -567,13 +584,15 @@ fn failure(record: &mut RoundRecord, node: NodeId, phase: Phase, reason: String)
 
 /// Sends every instruction with `call`, at most `max_in_flight` at once,
 /// and hands each outcome to `on_result` (true: a usable result) as soon as
-/// it arrives. A call whose task panics is that client's failure, and the
-/// client is dropped.
+/// it arrives, or with `ordered` in the instructions' order (outcomes that
+/// arrive early wait in a buffer of at most `max_in_flight`). A call whose
+/// task panics is that client's failure, and the client is dropped.
 async fn fan_out<I, R, F, Fut>(
     manager: &dyn ClientManager,
     observer: &dyn RoundObserver,
     instructions: Vec<Instruction<I>>,
     max_in_flight: usize,
+    ordered: bool,
     call: F,
     mut on_result: impl FnMut(NodeId, Result<R, CoreError>) -> bool,
 ) where
@@ -583,26 +602,29 @@ async fn fan_out<I, R, F, Fut>(
     Fut: Future<Output = Result<R, CoreError>> + Send + 'static,
 {
     let total = instructions.len();
-    let mut pending = instructions.into_iter();
+    let mut pending = instructions.into_iter().enumerate();
     let mut tasks = JoinSet::new();
-    let mut owners: HashMap<tokio::task::Id, NodeId> = HashMap::new();
+    let mut owners: HashMap<tokio::task::Id, (usize, NodeId)> = HashMap::new();
+    let mut early: BTreeMap<usize, (NodeId, Result<R, CoreError>)> = BTreeMap::new();
+    let mut next = 0usize;
     let (mut done, mut failed) = (0usize, 0usize);
     loop {
-        while tasks.len() < max_in_flight.max(1) {
-            let Some((client, ins)) = pending.next() else {
+        // Buffered outcomes count against the bound: the buffer stays small.
+        while tasks.len() + early.len() < max_in_flight.max(1) {
+            let Some((seq, (client, ins))) = pending.next() else {
                 break;
             };
             let node = client.node_id();
             let handle = tasks.spawn(call(client, ins));
-            owners.insert(handle.id(), node);
+            owners.insert(handle.id(), (seq, node));
         }
         let Some(joined) = tasks.join_next_with_id().await else {
             break;
         };
-        let (node, result) = match joined {
+        let (owner, result) = match joined {
             Ok((id, r)) => (owners.remove(&id), r),
             Err(e) => {
-                let node = owners.remove(&e.id());
+                let owner = owners.remove(&e.id());
                 let why = if e.is_panic() {
                     let payload = e.into_panic();
                     let msg = payload
@@ -614,25 +636,36 @@ async fn fan_out<I, R, F, Fut>(
                 } else {
                     "the server's task for this client was cancelled".to_string()
                 };
-                if let Some(n) = node {
+                if let Some((_, n)) = owner {
                     manager.drop_client(n);
                 }
-                (node, Err(CoreError::Invalid(why)))
+                (owner, Err(CoreError::Invalid(why)))
             }
         };
-        let ok = match node {
-            Some(n) => on_result(n, result),
-            None => {
-                tracing::error!("a result arrived from an unknown task");
-                false
-            }
-        };
-        if ok {
-            done += 1;
-        } else {
+        let Some((seq, node)) = owner else {
+            tracing::error!("a result arrived from an unknown task");
             failed += 1;
+            continue;
+        };
+        let ready: Vec<(NodeId, Result<R, CoreError>)> = if ordered {
+            early.insert(seq, (node, result));
+            let mut ready = Vec::new();
+            while let Some(r) = early.remove(&next) {
+                ready.push(r);
+                next += 1;
+            }
+            ready
+        } else {
+            vec![(node, result)]
+        };
+        for (node, result) in ready {
+            if on_result(node, result) {
+                done += 1;
+            } else {
+                failed += 1;
+            }
+            observer.step_progress(done, failed, total.saturating_sub(done + failed));
         }
-        observer.step_progress(done, failed, total - done - failed);
     }
     observer.step_finished();
 }
@@ -787,6 +820,7 @@ async fn disconnect_all(manager: &dyn ClientManager, config: &RunConfig) {
         &(),
         clients,
         config.max_in_flight,
+        false,
         |c, ()| async move { c.disconnect(timeout).await },
         |node, r| match r {
             Ok(()) => true,

@@ -10,12 +10,14 @@ mod cifar;
 pub mod download;
 mod idx;
 mod partition;
+mod shares;
 mod synthetic;
 
 use std::path::{Path, PathBuf};
 
 pub use cifar::{CIFAR10_ARCHIVE, cifar10_remote};
 pub use partition::{PartitionScheme, assign, assign_like, class_shares, partition_indices};
+pub use shares::{Shares, Sharing};
 pub use synthetic::SyntheticSpec;
 
 /// Where Debian's `dataset-fashion-mnist` package installs Fashion-MNIST.
@@ -152,61 +154,33 @@ pub struct Splits {
 impl Splits {
     /// Partition `id` of `num` of both splits (seeded, IID).
     pub fn partition(&self, id: usize, num: usize, seed: u64) -> Result<Splits, DataError> {
-        self.partition_by(PartitionScheme::Iid, id, num, seed)
+        self.partition_by(&Sharing::new(PartitionScheme::Iid, num, seed), id)
     }
 
-    /// Partition `id` of `num` of both splits under `scheme` (seeded).
-    pub fn partition_by(
-        &self,
-        scheme: PartitionScheme,
-        id: usize,
-        num: usize,
-        seed: u64,
-    ) -> Result<Splits, DataError> {
+    /// Partition `id` under `sharing`.
+    pub fn partition_by(&self, sharing: &Sharing, id: usize) -> Result<Splits, DataError> {
         Ok(self
-            .partitions_by(scheme, id..id + 1, num, seed)?
+            .partitions_by(sharing, id..id + 1)?
             .pop()
             .unwrap_or_else(|| self.clone()))
     }
 
-    /// Partitions `ids` of `num` under `scheme`, the assignment computed once.
+    /// Partitions `ids` under `sharing`, the assignment computed once.
     pub fn partitions_by(
         &self,
-        scheme: PartitionScheme,
+        sharing: &Sharing,
         ids: std::ops::Range<usize>,
-        num: usize,
-        seed: u64,
     ) -> Result<Vec<Splits>, DataError> {
-        if ids.end > num {
+        if ids.end > sharing.clients {
             return Err(DataError::Partition(format!(
-                "partition id {} is out of range for {num} partitions (0..{})",
+                "partition id {} is out of range for {} partitions (0..{})",
                 ids.end - 1,
-                num.saturating_sub(1)
+                sharing.clients,
+                sharing.clients.saturating_sub(1)
             )));
         }
-        if scheme == PartitionScheme::Iid {
-            // Each split cut on its own (as Petal always has).
-            return ids
-                .map(|id| {
-                    let train = partition_indices(self.train.len(), id, num, seed)?;
-                    let test = partition_indices(self.test.len(), id, num, seed.wrapping_add(1))?;
-                    Ok(Splits {
-                        train: self.train.select(&train),
-                        test: self.test.select(&test),
-                    })
-                })
-                .collect();
-        }
-        let classes = self.train.num_classes;
-        let train = assign(scheme, &self.train.labels, classes, num, seed)?;
-        let shares = class_shares(&train, &self.train.labels, classes);
-        let test = assign_like(&self.test.labels, &shares, seed.wrapping_add(1))?;
-        Ok(ids
-            .map(|id| Splits {
-                train: self.train.select(&train[id]),
-                test: self.test.select(&test[id]),
-            })
-            .collect())
+        let shares = Shares::compute(self, sharing)?;
+        ids.map(|id| self.share(&shares, id)).collect()
     }
 }
 
@@ -254,13 +228,13 @@ impl DatasetSpec {
     }
 
     /// Checks, without decoding the images, that the data is there and can
-    /// be cut into `num_partitions` non-empty shards of both splits; returns
+    /// be shared as `sharing` says, no client without examples; returns
     /// the sizes of the splits when they are known (CIFAR-10 still to be
     /// downloaded is not).
     pub fn check(
         &self,
         data_dir: Option<&Path>,
-        num_partitions: usize,
+        sharing: &Sharing,
     ) -> Result<Option<(usize, usize)>, DataError> {
         let downloads = matches!(self, DatasetSpec::Cifar10 { download: Some(_) });
         if let Some(d) = data_dir
@@ -291,13 +265,7 @@ impl DatasetSpec {
             }
         };
         if let Some((train, test)) = sizes {
-            for (split, len) in [("training", train), ("test", test)] {
-                if num_partitions > len {
-                    return Err(DataError::Partition(format!(
-                        "cannot split {len} {split} examples into {num_partitions} non-empty partitions"
-                    )));
-                }
-            }
+            sharing.check(train, test)?;
         }
         Ok(sizes)
     }
@@ -315,42 +283,39 @@ impl DatasetSpec {
         Ok(())
     }
 
-    /// Partition `id` of `num` under `scheme` (seeded). Synthetic data
-    /// generates just that partition; real data sets are loaded, then cut.
+    /// Partition `id` under `sharing`. Synthetic data generates just that
+    /// partition; real data sets are loaded, then cut.
     pub fn load_partition(
         &self,
         data_dir: Option<&Path>,
-        scheme: PartitionScheme,
+        sharing: &Sharing,
         id: usize,
-        num: usize,
-        seed: u64,
     ) -> Result<Splits, DataError> {
         if let DatasetSpec::Synthetic(spec) = self {
-            if id >= num {
+            if id >= sharing.clients {
                 return Err(DataError::Partition(format!(
-                    "partition id {id} is out of range for {num} partitions"
+                    "partition id {id} is out of range for {} partitions",
+                    sharing.clients
                 )));
             }
-            return spec.generate_partition_by(scheme, id, num, seed);
+            return spec.generate_partition_by(sharing.scheme, id, sharing.clients, sharing.seed);
         }
-        self.load(data_dir)?.partition_by(scheme, id, num, seed)
+        self.load(data_dir)?.partition_by(sharing, id)
     }
 
-    /// Partitions `ids` of `num` under `scheme`, loading a real data set
-    /// once for all of them (as a process hosting many clients does).
+    /// Partitions `ids` under `sharing`, loading a real data set once for
+    /// all of them (as a process hosting many clients does).
     pub fn load_partitions(
         &self,
         data_dir: Option<&Path>,
-        scheme: PartitionScheme,
+        sharing: &Sharing,
         ids: std::ops::Range<usize>,
-        num: usize,
-        seed: u64,
     ) -> Result<Vec<Splits>, DataError> {
         if let DatasetSpec::Synthetic(_) = self {
             return ids
-                .map(|id| self.load_partition(data_dir, scheme, id, num, seed))
+                .map(|id| self.load_partition(data_dir, sharing, id))
                 .collect();
         }
-        self.load(data_dir)?.partitions_by(scheme, ids, num, seed)
+        self.load(data_dir)?.partitions_by(sharing, ids)
     }
 }

@@ -93,7 +93,7 @@ impl<'de> serde::Deserialize<'de> for PartitionScheme {
     }
 }
 
-fn check(len: usize, num: usize) -> Result<(), DataError> {
+pub(crate) fn check(len: usize, num: usize) -> Result<(), DataError> {
     if num == 0 {
         return Err(DataError::Partition(
             "the number of partitions must be at least 1".into(),

@@ -566,3 +566,118 @@ async fn per_client_instructions_and_centralized_evaluation() {
     assert_eq!(s.evaluated, vec![0, 1, 2]);
     assert_eq!(h.rounds[0].eval_results, 0);
 }
+
+/// A client that finishes only after every client with a higher id has:
+/// results arrive in descending id order.
+struct Reversed {
+    node: NodeId,
+    higher: usize,
+    finished: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl ClientProxy for Reversed {
+    fn node_id(&self) -> NodeId {
+        self.node
+    }
+    fn get_parameters(&self, _: Config, _: Option<Duration>) -> ProxyFuture<'_, Parameters> {
+        Box::pin(async { Ok(Parameters::new(vec![Tensor::new(vec![1], vec![0.0])?])) })
+    }
+    fn fit(&self, _: FitIns, _: Option<Duration>) -> ProxyFuture<'_, FitRes> {
+        Box::pin(async move {
+            let mut rx = self.finished.subscribe();
+            let higher = self.higher;
+            let _ = rx.wait_for(|&n| n >= higher).await;
+            self.finished.send_modify(|n| *n += 1);
+            Ok(FitRes {
+                parameters: Parameters::new(vec![Tensor::new(vec![1], vec![self.node.0 as f32])?]),
+                num_examples: 1,
+                metrics: Config::new(),
+            })
+        })
+    }
+    fn evaluate(&self, _: EvaluateIns, _: Option<Duration>) -> ProxyFuture<'_, EvaluateRes> {
+        Box::pin(async { Err(CoreError::Invalid("not asked".into())) })
+    }
+    fn disconnect(&self, _: Option<Duration>) -> ProxyFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// FedAvg that records the order results are folded in.
+struct FoldOrder {
+    inner: FedAvg,
+    order: Vec<NodeId>,
+}
+
+impl Strategy for FoldOrder {
+    fn min_available_clients(&self, phase: Phase) -> usize {
+        self.inner.min_available_clients(phase)
+    }
+    fn configure_fit(
+        &mut self,
+        round: u64,
+        parameters: &Arc<Parameters>,
+        clients: &dyn ClientManager,
+        rng: &mut dyn RngCore,
+    ) -> Vec<Instruction<FitIns>> {
+        self.inner.configure_fit(round, parameters, clients, rng)
+    }
+    fn fold_fit(&mut self, round: u64, node: NodeId, res: FitRes) -> Result<(), CoreError> {
+        self.order.push(node);
+        self.inner.fold_fit(round, node, res)
+    }
+    fn aggregate_fit(&mut self, round: u64, current: &Parameters) -> Option<(Parameters, Metrics)> {
+        self.inner.aggregate_fit(round, current)
+    }
+    fn configure_evaluate(
+        &mut self,
+        _: u64,
+        _: &Arc<Parameters>,
+        _: &dyn ClientManager,
+        _: &mut dyn RngCore,
+    ) -> Vec<Instruction<EvaluateIns>> {
+        Vec::new()
+    }
+    fn fold_evaluate(&mut self, r: u64, n: NodeId, res: EvaluateRes) -> Result<(), CoreError> {
+        self.inner.fold_evaluate(r, n, res)
+    }
+    fn aggregate_evaluate(&mut self, round: u64) -> EvaluateSummary {
+        self.inner.aggregate_evaluate(round)
+    }
+}
+
+#[tokio::test]
+async fn results_fold_in_client_order_when_asked_whatever_order_they_arrive_in() {
+    for ordered in [false, true] {
+        let registry = Registry::new();
+        let finished = Arc::new(tokio::sync::watch::channel(0usize).0);
+        let n = 6;
+        for i in 0..n {
+            registry.register(Arc::new(Reversed {
+                node: registry.next_node_id(),
+                higher: n - 1 - i,
+                finished: finished.clone(),
+            }));
+        }
+        let mut strategy = FoldOrder {
+            inner: fedavg(n, n),
+            order: Vec::new(),
+        };
+        let config = RunConfig {
+            num_rounds: 1,
+            fold_in_order: ordered,
+            ..config(1)
+        };
+        run_federation(&registry, &mut strategy, &config, None, &())
+            .await
+            .unwrap();
+        let mut ascending = registry.node_ids();
+        ascending.sort();
+        if ordered {
+            assert_eq!(strategy.order, ascending);
+        } else {
+            ascending.reverse();
+            assert_eq!(strategy.order, ascending, "as they arrived");
+        }
+    }
+}
