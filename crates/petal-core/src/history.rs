@@ -185,15 +185,37 @@ impl History {
         if self.rounds.is_empty() {
             return String::new();
         }
-        let mut s = String::from("History (distributed loss and accuracy):\n");
         let f = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
+        let server = |c: Option<&EvaluateSummary>| {
+            c.map_or(String::new(), |c| {
+                format!(
+                    "; server: loss {} accuracy {}",
+                    f(c.loss),
+                    f(c.metrics.get("accuracy").copied())
+                )
+            })
+        };
+        let mut s = String::from("History (distributed loss and accuracy");
+        let any_server = self.initial_centralized.is_some()
+            || self.rounds.iter().any(|r| r.centralized.is_some());
+        s.push_str(if any_server {
+            "; the server's own evaluation):\n"
+        } else {
+            "):\n"
+        });
+        if self.initial_centralized.is_some() {
+            s.push_str(&format!(
+                "  round 0{}\n",
+                server(self.initial_centralized.as_ref()).replacen(';', ":", 1)
+            ));
+        }
         for r in &self.rounds {
             if let Some(why) = &r.skipped {
                 s.push_str(&format!("  round {}: skipped ({why})\n", r.round));
                 continue;
             }
             s.push_str(&format!(
-                "  round {}: loss {} accuracy {} (fit {}/{} ok, eval {}/{} ok, {:.1}s)\n",
+                "  round {}: loss {} accuracy {} (fit {}/{} ok, eval {}/{} ok, {:.1}s){}\n",
                 r.round,
                 f(r.loss),
                 f(r.accuracy),
@@ -201,7 +223,8 @@ impl History {
                 r.fit_results + r.fit_failures,
                 r.eval_results,
                 r.eval_results + r.eval_failures,
-                r.round_seconds
+                r.round_seconds,
+                server(r.centralized.as_ref())
             ));
         }
         s

@@ -236,8 +236,15 @@ fn log_round(r: &RoundRecord) {
         return;
     }
     let show = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.4}"));
+    let server = r.centralized.as_ref().map_or(String::new(), |c| {
+        format!(
+            " (server: loss {} accuracy {})",
+            show(c.loss),
+            show(c.metrics.get("accuracy").copied())
+        )
+    });
     tracing::info!(
-        "round {}: loss {} accuracy {} in {:.1}s",
+        "round {}: loss {} accuracy {}{server} in {:.1}s",
         r.round,
         show(r.loss),
         show(r.accuracy),

@@ -122,6 +122,32 @@ fn evaluate_with(
     })
 }
 
+/// One fit of `learner` on `train` as a client does it: the server's model
+/// loaded, the instruction's config over `defaults`, a fresh optimizer.
+pub fn fit_on(
+    learner: &mut dyn Learner,
+    train: &ImageSet,
+    defaults: &TrainOptions,
+    ins: &FitIns,
+) -> Result<FitRes, CoreError> {
+    fit_with(learner, train, defaults, ins).map_err(err)
+}
+
+/// One evaluation of the server's model by `learner` on `test`.
+pub fn evaluate_on(
+    learner: &mut dyn Learner,
+    test: &ImageSet,
+    defaults: &TrainOptions,
+    ins: &EvaluateIns,
+) -> Result<EvaluateRes, CoreError> {
+    evaluate_with(learner, test, defaults, ins).map_err(err)
+}
+
+/// `learner`'s weights as named parameters.
+pub fn learner_parameters(learner: &dyn Learner) -> Result<Parameters, CoreError> {
+    parameters_of(learner).map_err(err)
+}
+
 /// A factory of learners (all alike: same architecture and initial weights).
 pub type MakeLearner = Box<dyn Fn() -> Result<Box<dyn Learner>, MlError> + Send + Sync>;
 

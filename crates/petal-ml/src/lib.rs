@@ -14,7 +14,10 @@ mod client;
 pub mod native_cnn;
 pub mod noop;
 
-pub use client::{LearnerClient, LearnerPool, MakeLearner, PartitionData, PooledClient};
+pub use client::{
+    LearnerClient, LearnerPool, MakeLearner, PartitionData, PooledClient, evaluate_on, fit_on,
+    learner_parameters,
+};
 
 use burn_cnn::DeviceKind;
 

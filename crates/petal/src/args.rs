@@ -44,6 +44,14 @@ pub struct DataArgs {
     #[arg(long, default_value = "iid")]
     #[serde(default = "default_partition")]
     pub partition: PartitionScheme,
+    /// Training examples per client: with iid, clients get disjoint shares
+    /// of N when the data has N × clients examples, else each draws N
+    /// without repeats (clients then share examples); other schemes cut
+    /// each partition to N. Test shares scale alike. With --dataset
+    /// synthetic: --synthetic-train.
+    #[arg(long)]
+    #[serde(default)]
+    pub examples_per_client: Option<usize>,
 }
 
 fn default_partition() -> PartitionScheme {
@@ -115,14 +123,37 @@ impl DataArgs {
 
     /// The data set these flags describe (validates the name).
     pub fn spec(&self) -> Result<DatasetSpec, petal_data::DataError> {
+        let (train, test) = self.synthetic_sizes();
         let synthetic = SyntheticSpec {
             shape: self.synthetic_shape,
-            train: self.synthetic_train,
-            test: self.synthetic_test,
+            train,
+            test,
             seed: self.data_seed,
             ..Default::default()
         };
         DatasetSpec::from_name(&self.dataset, self.download, synthetic)
+    }
+
+    /// Synthetic images per client, train and test (`--examples-per-client`
+    /// replaces --synthetic-train, the test split scaled alike).
+    pub fn synthetic_sizes(&self) -> (usize, usize) {
+        match self.examples_per_client {
+            Some(n) => (
+                n,
+                petal_data::Sharing::test_per_client(n, self.synthetic_train, self.synthetic_test),
+            ),
+            None => (self.synthetic_train, self.synthetic_test),
+        }
+    }
+
+    /// How the data set is shared among `clients` clients.
+    pub fn sharing(&self, clients: usize) -> petal_data::Sharing {
+        petal_data::Sharing {
+            scheme: self.partition,
+            clients,
+            seed: self.data_seed,
+            per_client: self.examples_per_client,
+        }
     }
 }
 
@@ -320,7 +351,8 @@ impl LearnerArgs {
         // the client's images as bytes; activations of one batch.
         let pixels = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
         let images = if self.data.dataset == "synthetic" {
-            (self.data.synthetic_train + self.data.synthetic_test) as u64
+            let (train, test) = self.data.synthetic_sizes();
+            train.saturating_add(test) as u64
         } else {
             70_000
         };
@@ -384,9 +416,11 @@ pub struct RoundArgs {
     /// Number of rounds (skipped rounds count).
     #[arg(long, default_value_t = 3)]
     pub rounds: u64,
-    /// Fraction of connected clients that evaluate each round (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    pub fraction_evaluate: f64,
+    /// Fraction of connected clients that evaluate each round (0 disables;
+    /// default 1, and for `petal simulate` 0 with server-side evaluation,
+    /// else as many as train).
+    #[arg(long)]
+    pub fraction_evaluate: Option<f64>,
     /// Seconds one fit, evaluate or get_parameters call may take before it
     /// counts as failed and the client is dropped (0: no limit).
     #[arg(long, default_value_t = 1800.0)]
@@ -422,9 +456,20 @@ pub struct RoundArgs {
     /// --server-eval-every rounds and after the last.
     #[arg(long)]
     pub server_eval: bool,
-    /// Rounds between server-side evaluations.
-    #[arg(long, default_value_t = 1)]
-    pub server_eval_every: u64,
+    /// Rounds between server-side evaluations (implies --server-eval; default 1).
+    #[arg(long)]
+    pub server_eval_every: Option<u64>,
+}
+
+impl RoundArgs {
+    /// Whether the server evaluates the global model, and every how many rounds.
+    pub fn server_eval_every(&self) -> Option<u64> {
+        match (self.server_eval, self.server_eval_every) {
+            (_, Some(n)) => Some(n),
+            (true, None) => Some(1),
+            (false, None) => None,
+        }
+    }
 }
 
 /// What a peer may make the server hold: every limit of the transport.

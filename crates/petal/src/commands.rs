@@ -169,13 +169,13 @@ pub struct OpenedRun {
     created: bool,
     /// True for the default `runs/<time>` (`runs/latest` follows it once
     /// a round is saved).
-    default: bool,
+    pub default: bool,
 }
 
 impl OpenedRun {
     /// Removes the folder of a run that failed before saving a round, if
     /// this process made it: a failed start leaves nothing behind.
-    fn discard_if_empty(&self, history: Option<&History>) {
+    pub(crate) fn discard_if_empty(&self, history: Option<&History>) {
         let saved = history.is_some_and(|h| !h.rounds.is_empty())
             || self
                 .dir
@@ -196,7 +196,7 @@ impl OpenedRun {
 
 /// The run folder: the one to resume, the one asked for, or a new default;
 /// a new one gets the run's settings (`config.json`).
-fn open_run_dir(round: &RoundArgs) -> anyhow::Result<OpenedRun> {
+pub(crate) fn open_run_dir(round: &RoundArgs) -> anyhow::Result<OpenedRun> {
     if let Some(dir) = &round.resume {
         let (run, resume) = RunDir::resume(dir)?;
         if resume.checkpoint.round >= round.rounds {
@@ -233,7 +233,7 @@ fn open_run_dir(round: &RoundArgs) -> anyhow::Result<OpenedRun> {
 }
 
 /// Points `runs/latest` at `dir` (a default run folder, once it holds a round).
-fn point_latest(dir: &Path) {
+pub(crate) fn point_latest(dir: &Path) {
     #[cfg(unix)]
     {
         let latest = Path::new("runs").join("latest");
@@ -245,7 +245,7 @@ fn point_latest(dir: &Path) {
 }
 
 /// Ctrl-C or SIGTERM, whichever comes first.
-async fn shutdown_signal() -> Stop {
+pub(crate) async fn shutdown_signal() -> Stop {
     #[cfg(unix)]
     {
         let mut term =
@@ -267,15 +267,15 @@ async fn shutdown_signal() -> Stop {
 
 /// The strategy and the round loop's settings, made before anything is
 /// started or written: a bad setting fails here.
-struct Prepared {
-    strategy: Box<dyn petal_core::Strategy>,
-    config: RunConfig,
+pub(crate) struct Prepared {
+    pub strategy: Box<dyn petal_core::Strategy>,
+    pub config: RunConfig,
     fit_clients: usize,
     min_available_clients: usize,
 }
 
-fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepared> {
-    let f = fed.round.fraction_evaluate;
+pub(crate) fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepared> {
+    let f = fed.round.fraction_evaluate.unwrap_or(1.0);
     anyhow::ensure!(
         (0.0..=1.0).contains(&f),
         "--fraction-evaluate {f} is outside [0, 1]"
@@ -286,21 +286,16 @@ fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepar
         .round
         .strategy
         .dp(fed.fit_clients, fed.round.sample_seed)?;
-    let evaluate_fn = if fed.round.server_eval {
-        Some(server_evaluation(
-            learner,
-            fed.round.server_eval_every,
-            fed.round.rounds,
-        )?)
-    } else {
-        None
+    let evaluate_fn = match fed.round.server_eval_every() {
+        Some(every) => Some(server_evaluation(learner, every, fed.round.rounds)?),
+        None => None,
     };
     let strategy = petal_core::strategy::build(
         &spec,
         FedAvgConfig {
             fit_clients: fed.fit_clients,
             min_available_clients: fed.min_available_clients,
-            fraction_evaluate: fed.round.fraction_evaluate,
+            fraction_evaluate: f,
             evaluate_config: [("batch_size".to_string(), fc["batch_size"].clone())].into(),
             fit_config: fc,
             evaluate_fn,
@@ -322,6 +317,7 @@ fn prepare(fed: &FederationArgs, learner: &LearnerArgs) -> anyhow::Result<Prepar
         sample_seed: fed.round.sample_seed,
         parameter_names: None,
         initial_model_attempts: None,
+        fold_in_order: false,
     };
     Ok(Prepared {
         strategy,
@@ -371,7 +367,7 @@ async fn federate(
 }
 
 /// The history of a federation that ran to its end or failed.
-fn federation_outcome(
+pub(crate) fn federation_outcome(
     run: &OpenedRun,
     outcome: Result<History, CoreError>,
     dir: &str,
@@ -409,6 +405,8 @@ fn server_evaluation(
     args.partition_id = 0;
     args.num_partitions = 1;
     args.partition_cache = None;
+    // The whole test split, whatever the clients' shares.
+    args.data.examples_per_client = None;
     args.validate()?;
     anyhow::ensure!(
         args.device()? != Backend::Noop || args.python_spec().is_some(),
@@ -583,10 +581,8 @@ fn load_partition(args: &LearnerArgs) -> anyhow::Result<Splits> {
     }
     let data = args.data.spec()?.load_partition(
         args.data.data_dir.as_deref(),
-        args.data.partition,
+        &args.data.sharing(args.num_partitions),
         args.partition_id,
-        args.num_partitions,
-        args.data.data_seed,
     )?;
     if let Some(path) = cache
         && let Err(e) = data.save(path)
@@ -775,12 +771,16 @@ fn learner_clients(
             .collect());
     }
     let spec = learner.data.spec()?;
-    let sizes = spec.check(learner.data.data_dir.as_deref(), learner.num_partitions)?;
+    let sharing = learner.data.sharing(learner.num_partitions);
+    let sizes = spec.check(learner.data.data_dir.as_deref(), &sharing)?;
     let backend = learner.device()?;
     if backend == Backend::Noop {
         // No data, no model: what is left is the framework.
-        let examples = sizes.map_or(learner.data.synthetic_train, |(train, _)| {
-            train / learner.num_partitions
+        let examples = sizes.map_or(learner.data.synthetic_sizes().0, |(train, _)| {
+            learner
+                .data
+                .examples_per_client
+                .unwrap_or(train / learner.num_partitions)
         });
         let shape = learner.data.shape();
         return Ok(ids
@@ -795,13 +795,7 @@ fn learner_clients(
             .collect());
     }
     let load = || {
-        spec.load_partitions(
-            learner.data.data_dir.as_deref(),
-            learner.data.partition,
-            ids.clone(),
-            learner.num_partitions,
-            learner.data.data_seed,
-        )
+        spec.load_partitions(learner.data.data_dir.as_deref(), &sharing, ids.clone())
     };
     match isolation {
         Isolation::Subprocess => {
@@ -919,9 +913,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if args.learner.python_spec().is_none() {
         let spec = args.learner.data.spec()?;
         let dir = args.learner.data.data_dir.as_deref();
-        spec.check(dir, args.clients)?;
+        let sharing = args.learner.data.sharing(args.clients);
+        spec.check(dir, &sharing)?;
         spec.fetch_missing(dir)?;
-        spec.check(dir, args.clients)?;
+        spec.check(dir, &sharing)?;
     }
 
     let mut round = args.round.clone();
@@ -1109,13 +1104,7 @@ pub fn partitions(args: &crate::PartitionsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(n >= 1, "--num-partitions must be at least 1");
     let spec = args.data.spec()?;
     let scheme = args.data.partition;
-    let parts = spec.load_partitions(
-        args.data.data_dir.as_deref(),
-        scheme,
-        0..n,
-        n,
-        args.data.data_seed,
-    )?;
+    let parts = spec.load_partitions(args.data.data_dir.as_deref(), &args.data.sharing(n), 0..n)?;
     let classes = parts.first().map_or(10, |p| p.train.num_classes);
     let hist = |labels: &[u8]| {
         let mut h = vec![0usize; classes];

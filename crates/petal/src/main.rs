@@ -10,6 +10,7 @@ mod commands;
 mod output;
 mod plot;
 mod settings;
+mod simulate;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
 
@@ -35,6 +36,9 @@ enum Command {
     Client(ClientArgs),
     /// Start a server and N client processes on this machine, and run to completion.
     Run(RunArgs),
+    /// Simulate N virtual clients in this process: the same rounds,
+    /// strategies, history and checkpoints as `petal run`, no sockets.
+    Simulate(SimulateArgs),
     /// Join a Flower federation as a SuperNode (Fleet API, flwr >= 1.40).
     Node(NodeArgs),
     /// Manage node keys.
@@ -51,6 +55,9 @@ enum Command {
     /// Answer one instruction from stdin (used by `--isolation subprocess`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Answer simulation tasks from stdin (used by `simulate --isolation process`).
+    #[command(hide = true)]
+    SimWorker(WorkerArgs),
 }
 
 /// `petal keys` subcommands.
@@ -173,6 +180,52 @@ pub struct WorkerArgs {
     /// The learner's settings, as JSON (written by `petal client`).
     #[arg(long)]
     pub learner_config: String,
+}
+
+/// Where `petal simulate` trains.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimIsolation {
+    /// Worker threads of this process, one model replica each.
+    Thread,
+    /// Worker processes, replaced after --recycle-after tasks (frees all
+    /// their memory, GPU included).
+    Process,
+}
+
+/// `petal simulate` flags.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    mut_arg("partition_id", |a| a.hide(true)),
+    mut_arg("num_partitions", |a| a.hide(true))
+)]
+pub struct SimulateArgs {
+    /// A TOML file of settings, its keys the long flag names.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Virtual clients.
+    #[arg(long, default_value_t = 2)]
+    pub clients: usize,
+    /// Clients sampled to train each round (default: --clients).
+    #[arg(long)]
+    pub fit_clients: Option<usize>,
+    /// Workers training the sampled clients, each with one model replica
+    /// (default: the cores). The model is the same to the bit for any number.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Where workers run.
+    #[arg(long, value_enum, default_value_t = SimIsolation::Thread)]
+    pub isolation: SimIsolation,
+    /// With --isolation process: tasks a worker process answers before it
+    /// is replaced (0: never).
+    #[arg(long, default_value_t = 100)]
+    pub recycle_after: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub round: RoundArgs,
+    #[command(flatten)]
+    pub learner: LearnerArgs,
 }
 
 /// `petal server` flags.
@@ -391,6 +444,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Command::Worker(args) => commands::worker(&args.learner_config),
+        Command::SimWorker(args) => simulate::worker(&args.learner_config),
         Command::Bench(BenchCommand::Train(args)) => bench::train(&args),
         Command::Keys(KeysCommand::Generate { out, force }) => commands::keys_generate(&out, force),
         Command::Plot(a) => plot::plot(&a.runs, &a.output, a.size),
@@ -406,7 +460,9 @@ fn main() -> std::process::ExitCode {
                         Command::Client(a) => commands::client(&a).await,
                         Command::Run(a) => commands::run(&a).await,
                         Command::Node(a) => commands::node(&a).await,
+                        Command::Simulate(a) => simulate::simulate(&a).await,
                         Command::Worker(_)
+                        | Command::SimWorker(_)
                         | Command::Bench(_)
                         | Command::Keys(_)
                         | Command::Plot(_)

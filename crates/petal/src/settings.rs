@@ -62,6 +62,8 @@ const OPERATIONAL: &[&str] = &[
     "auth-keys",
     "keepalive-interval",
     "keepalive-timeout",
+    "workers",
+    "recycle-after",
 ];
 
 /// Flags that are not settings of the computation at all.
@@ -73,6 +75,9 @@ const NOT_RECORDED: &[&str] = &[
     "out",
     "learner-config",
 ];
+
+/// The subcommands that make a run folder.
+const RUNS: &[&str] = &["server", "run", "simulate"];
 
 /// What `config.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -209,7 +214,7 @@ pub fn expand_config_file(cmd: &Command, argv: Vec<OsString>) -> anyhow::Result<
 /// included) but the operational ones.
 pub fn record(cmd: &Command, matches: &ArgMatches) -> Option<RecordedSettings> {
     let (name, m) = sub(matches)?;
-    if name != "server" && name != "run" {
+    if !RUNS.contains(&name) {
         return None;
     }
     let mut settings = BTreeMap::new();
@@ -256,7 +261,7 @@ pub fn resume_args(
     let Some((name, m)) = sub(matches) else {
         return Ok(argv);
     };
-    if name != "server" && name != "run" {
+    if !RUNS.contains(&name) {
         return Ok(argv);
     }
     let Ok(Some(dir)) = m.try_get_one::<std::path::PathBuf>("resume") else {
@@ -305,8 +310,12 @@ pub fn resume_args(
     }
     let known = flags(cmd, name);
     let mut injected = Vec::new();
+    // Before 0.1 recorded --server-eval-every's default without
+    // --server-eval; the flag now turns server-side evaluation on.
+    let old_default_every = recorded.settings.get("server-eval").map(Vec::as_slice)
+        == Some(&["false".to_string()][..]);
     for (key, values) in &recorded.settings {
-        if given.contains_key(key) {
+        if given.contains_key(key) || (key == "server-eval-every" && old_default_every) {
             continue;
         }
         if let Some((_, action)) = known.get(key) {
