@@ -312,6 +312,10 @@ impl LearnerArgs {
         );
         self.train.validate()?;
         anyhow::ensure!(
+            self.data.examples_per_client != Some(0),
+            "--examples-per-client must be at least 1"
+        );
+        anyhow::ensure!(
             self.num_partitions >= 1,
             "--num-partitions must be at least 1"
         );
