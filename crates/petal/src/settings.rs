@@ -310,7 +310,7 @@ pub fn resume_args(
     }
     let known = flags(cmd, name);
     let mut injected = Vec::new();
-    // Before 0.1 recorded --server-eval-every's default without
+    // Runs made by an earlier Petal recorded --server-eval-every's default without
     // --server-eval; the flag now turns server-side evaluation on.
     let old_default_every = recorded.settings.get("server-eval").map(Vec::as_slice)
         == Some(&["false".to_string()][..]);

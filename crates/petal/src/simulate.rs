@@ -332,6 +332,20 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         stop = shutdown_signal() => Err(stop),
     };
     observer.clear();
+    let stats = pool.stats();
+    tracing::info!(
+        "{} tasks ({} failed){}",
+        stats.tasks.load(Ordering::Relaxed),
+        stats.failures.load(Ordering::Relaxed),
+        match args.isolation {
+            SimIsolation::Thread => String::new(),
+            SimIsolation::Process => format!(
+                " on {} worker processes (each replaced after {} tasks)",
+                stats.processes.load(Ordering::Relaxed),
+                args.recycle_after
+            ),
+        }
+    );
     let shown = run.dir.path().display().to_string();
     let history: History = match outcome {
         Err(stop) => {
@@ -375,8 +389,8 @@ fn resident_bytes() -> Option<u64> {
 }
 
 /// Saves each round with the run folder and shows rounds done, clients
-/// per second, time left and memory in use: a bar on a terminal, a log
-/// line (at most every 5 s, and for the last round) otherwise.
+/// per second, time left and memory in use: a bar on a terminal, else a
+/// log line every 5 s, every tenth round and after the last.
 struct SimProgress<'a> {
     dir: &'a RunDir,
     latest: AtomicBool,
@@ -457,7 +471,7 @@ impl RoundObserver for SimProgress<'_> {
                 let left = elapsed / done as f64 * (self.rounds - checkpoint.round) as f64;
                 let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
                 let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
-                if due || checkpoint.round == self.rounds {
+                if due || checkpoint.round % 10 == 0 || checkpoint.round == self.rounds {
                     tracing::info!(
                         "round {}/{} · {what} · {left:.0} s left",
                         checkpoint.round,

@@ -76,8 +76,10 @@ fn model_f32(dir: &Path) -> Vec<f32> {
         .collect()
 }
 
-fn simulate(args: &[String], extra: &[&str], out: &Path) {
+/// Runs `petal simulate`; returns its log.
+fn simulate(args: &[String], extra: &[&str], out: &Path) -> String {
     let o = petal()
+        .env("RUST_LOG", "info")
         .args(args)
         .args(extra)
         .arg("--out")
@@ -89,6 +91,7 @@ fn simulate(args: &[String], extra: &[&str], out: &Path) {
         "petal simulate {extra:?} failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -108,7 +111,17 @@ fn the_checkpoint_is_the_same_to_the_bit_for_one_or_two_workers_threads_or_proce
     let mut models = Vec::new();
     for (name, extra) in &runs {
         let out = tmp.path().join(name);
-        simulate(&workload(3), extra, &out);
+        let log = simulate(&workload(3), extra, &out);
+        if *name == "processes" {
+            // 3 rounds × 6 fits and the initial model's calls, 4 tasks per process.
+            let started: usize = log
+                .split(" worker processes (each replaced")
+                .next()
+                .and_then(|s| s.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no process count in the log: {log}"));
+            assert!(started >= 5, "{started} worker processes for 21 tasks: {log}");
+        }
         let h = support::history(&out);
         let rounds = h["rounds"].as_array().unwrap();
         assert_eq!(rounds.len(), 3);
