@@ -258,7 +258,10 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 4000, "80 × 50 of 4000: every example once");
-        assert!(fit.test.iter().all(|t| t.len() == 13), "50 × 1000 / 4000, rounded up");
+        assert!(
+            fit.test.iter().all(|t| t.len() == 13),
+            "50 × 1000 / 4000, rounded up"
+        );
 
         sharing.clients = 1000;
         let drawn = Shares::compute(&data, &sharing).unwrap();
@@ -285,7 +288,10 @@ mod tests {
         assert!(s.train.iter().all(|p| p.len() == 20));
         sharing.per_client = Some(601);
         let e = Shares::compute(&data, &sharing).unwrap_err().to_string();
-        assert!(e.contains("--examples-per-client 601 is more than the 600"), "{e}");
+        assert!(
+            e.contains("--examples-per-client 601 is more than the 600"),
+            "{e}"
+        );
         sharing.per_client = Some(0);
         assert!(Shares::compute(&data, &sharing).is_err());
         let e = Shares::compute(&data, &Sharing::new(PartitionScheme::Iid, 101, 0))

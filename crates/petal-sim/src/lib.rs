@@ -28,7 +28,7 @@ use petal_core::{
     FitRes, NodeId, Parameters, ProxyFuture,
 };
 
-pub use pool::{Isolation, MakeReplica, PoolStats, Replica, Task, Reply, WorkerPool};
+pub use pool::{Isolation, MakeReplica, PoolStats, Replica, Reply, Task, WorkerPool};
 
 /// The node id of virtual client `partition` (ids count from 1, as a
 /// server's do).
@@ -162,7 +162,11 @@ impl ClientProxy for VirtualClient {
         Box::pin(async { Ok(()) })
     }
 
-    fn get_properties(&self, config: Config, _timeout: Option<Duration>) -> ProxyFuture<'_, Config> {
+    fn get_properties(
+        &self,
+        config: Config,
+        _timeout: Option<Duration>,
+    ) -> ProxyFuture<'_, Config> {
         Box::pin(async move {
             match self.call(Task::Properties(config)).await? {
                 Reply::Properties(c) => Ok(c),

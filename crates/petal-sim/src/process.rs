@@ -111,9 +111,12 @@ impl ProcessWorker {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| err(self.index, format!("cannot start {}: {e}", c.program.display())))?;
+            let mut child = cmd.spawn().map_err(|e| {
+                err(
+                    self.index,
+                    format!("cannot start {}: {e}", c.program.display()),
+                )
+            })?;
             let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -163,11 +166,7 @@ impl ProcessWorker {
     }
 
     fn frame(&self, partition: usize, task: &Task) -> Vec<u8> {
-        let same = |p: &Arc<Parameters>| {
-            self.model
-                .upgrade()
-                .is_some_and(|m| Arc::ptr_eq(&m, p))
-        };
+        let same = |p: &Arc<Parameters>| self.model.upgrade().is_some_and(|m| Arc::ptr_eq(&m, p));
         let (flag, msg) = match task {
             Task::GetParameters(c) => (
                 0,
@@ -274,9 +273,11 @@ fn decode_reply(bytes: &[u8], task: &Task) -> Result<Reply, String> {
             Some(e) => Err(e),
             None => Ok(Reply::Properties(wire::config_from_proto(&r.properties))),
         },
-        (cm::Msg::FitRes(r), Task::Fit(ins)) => wire::fit_res_from_proto_like(&r, Some(&ins.parameters))
-            .map(Reply::Fit)
-            .map_err(|e| e.to_string()),
+        (cm::Msg::FitRes(r), Task::Fit(ins)) => {
+            wire::fit_res_from_proto_like(&r, Some(&ins.parameters))
+                .map(Reply::Fit)
+                .map_err(|e| e.to_string())
+        }
         (cm::Msg::EvaluateRes(r), Task::Evaluate(_)) => wire::evaluate_res_from_proto(&r)
             .map(Reply::Evaluate)
             .map_err(|e| e.to_string()),
@@ -391,7 +392,9 @@ fn answer(
         return failure(&msg, format!("partition {partition} is out of range"));
     };
     match task.and_then(|t| run_task(&mut **replica, partition, t).map_err(|e| e.to_string())) {
-        Ok(Reply::Parameters(p)) => cm::Msg::GetParametersRes(wire::get_parameters_res_to_proto(&p)),
+        Ok(Reply::Parameters(p)) => {
+            cm::Msg::GetParametersRes(wire::get_parameters_res_to_proto(&p))
+        }
         Ok(Reply::Properties(c)) => cm::Msg::GetPropertiesRes(cm::GetPropertiesRes {
             status: wire::ok_status(),
             properties: wire::config_to_proto(&c),

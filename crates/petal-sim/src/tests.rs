@@ -35,7 +35,11 @@ impl Client for ToyClient<'_> {
         Ok(Parameters::new(vec![Tensor::new(vec![3], vec![0.5; 3])?]))
     }
     fn fit(&mut self, ins: FitIns) -> Result<FitRes, CoreError> {
-        self.toy.ran.lock().unwrap().push((self.toy.worker, self.partition));
+        self.toy
+            .ran
+            .lock()
+            .unwrap()
+            .push((self.toy.worker, self.partition));
         if self.partition == 7 {
             panic!("client 7 always breaks its worker");
         }
@@ -46,7 +50,11 @@ impl Client for ToyClient<'_> {
         let mut data: Vec<f32> = w.iter().map(|v| v * 0.9 + k.sqrt() / 3.0).collect();
         // Large and small values: their f64 sum rounds differently in
         // another order.
-        data[1] = if self.partition % 2 == 0 { 1.0e12 } else { k * 1e-5 };
+        data[1] = if self.partition % 2 == 0 {
+            1.0e12
+        } else {
+            k * 1e-5
+        };
         Ok(FitRes {
             parameters: Parameters::new(vec![Tensor::new(vec![3], data)?]),
             num_examples: 10 + self.partition as u64 % 7,
@@ -123,7 +131,10 @@ async fn the_model_is_the_same_to_the_bit_whatever_the_number_of_workers() {
     assert_eq!(bits(&m1), bits(&m4));
     assert!(ran1.iter().all(|&(w, _)| w == 0));
     let workers: std::collections::BTreeSet<usize> = ran4.iter().map(|&(w, _)| w).collect();
-    assert!(workers.len() > 1, "four workers shared the tasks: {workers:?}");
+    assert!(
+        workers.len() > 1,
+        "four workers shared the tasks: {workers:?}"
+    );
     // Same clients sampled, the same failures recorded.
     let clients = |ran: &[(usize, usize)]| {
         let mut c: Vec<usize> = ran.iter().map(|&(_, p)| p).collect();

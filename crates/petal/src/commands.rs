@@ -794,9 +794,7 @@ fn learner_clients(
             })
             .collect());
     }
-    let load = || {
-        spec.load_partitions(learner.data.data_dir.as_deref(), &sharing, ids.clone())
-    };
+    let load = || spec.load_partitions(learner.data.data_dir.as_deref(), &sharing, ids.clone());
     match isolation {
         Isolation::Subprocess => {
             let exe = std::env::current_exe().context("locating the petal executable")?;

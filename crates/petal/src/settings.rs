@@ -312,8 +312,8 @@ pub fn resume_args(
     let mut injected = Vec::new();
     // Runs made by an earlier Petal recorded --server-eval-every's default without
     // --server-eval; the flag now turns server-side evaluation on.
-    let old_default_every = recorded.settings.get("server-eval").map(Vec::as_slice)
-        == Some(&["false".to_string()][..]);
+    let old_default_every =
+        recorded.settings.get("server-eval").map(Vec::as_slice) == Some(&["false".to_string()][..]);
     for (key, values) in &recorded.settings {
         if given.contains_key(key) || (key == "server-eval-every" && old_default_every) {
             continue;

@@ -70,17 +70,18 @@ impl SimData {
                 } else {
                     (&splits.train, &shares.train)
                 };
-                let indices = lists.get(partition).ok_or_else(|| {
-                    CoreError::Local(format!("no virtual client {partition}"))
-                })?;
+                let indices = lists
+                    .get(partition)
+                    .ok_or_else(|| CoreError::Local(format!("no virtual client {partition}")))?;
                 Ok(Cow::Owned(set.select_u32(indices)))
             }
             SimData::Generated {
                 spec: DatasetSpec::Synthetic(s),
                 sharing,
-            } if sharing.scheme == PartitionScheme::Iid => {
-                s.generate_split(partition, test).map(Cow::Owned).map_err(bad)
-            }
+            } if sharing.scheme == PartitionScheme::Iid => s
+                .generate_split(partition, test)
+                .map(Cow::Owned)
+                .map_err(bad),
             SimData::Generated { spec, sharing } => {
                 let p = spec.load_partition(None, sharing, partition).map_err(bad)?;
                 Ok(Cow::Owned(if test { p.test } else { p.train }))

@@ -105,7 +105,14 @@ fn the_checkpoint_is_the_same_to_the_bit_for_one_or_two_workers_threads_or_proce
         ("two", vec!["--workers", "2"]),
         (
             "processes",
-            vec!["--workers", "2", "--isolation", "process", "--recycle-after", "4"],
+            vec![
+                "--workers",
+                "2",
+                "--isolation",
+                "process",
+                "--recycle-after",
+                "4",
+            ],
         ),
     ];
     let mut models = Vec::new();
@@ -120,7 +127,10 @@ fn the_checkpoint_is_the_same_to_the_bit_for_one_or_two_workers_threads_or_proce
                 .and_then(|s| s.rsplit(' ').next())
                 .and_then(|n| n.parse().ok())
                 .unwrap_or_else(|| panic!("no process count in the log: {log}"));
-            assert!(started >= 5, "{started} worker processes for 21 tasks: {log}");
+            assert!(
+                started >= 5,
+                "{started} worker processes for 21 tasks: {log}"
+            );
         }
         let h = support::history(&out);
         let rounds = h["rounds"].as_array().unwrap();
@@ -136,7 +146,10 @@ fn the_checkpoint_is_the_same_to_the_bit_for_one_or_two_workers_threads_or_proce
     assert!(models[0] == models[2], "thread and process workers differ");
     let h = support::history(&tmp.path().join("one"));
     let acc = h["rounds"][1]["centralized"]["accuracy"].as_f64();
-    assert!(acc.is_some_and(|a| a > 0.0), "server-side evaluation at round 2: {h}");
+    assert!(
+        acc.is_some_and(|a| a > 0.0),
+        "server-side evaluation at round 2: {h}"
+    );
 }
 
 #[test]
@@ -258,7 +271,10 @@ fn simulate_and_a_networked_run_give_the_same_model() {
 #[test]
 fn impossible_simulations_are_refused_in_one_line() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--clients", "4", "--fit-clients", "5"], "--fit-clients 5 is outside 1..=4"),
+        (
+            &["--clients", "4", "--fit-clients", "5"],
+            "--fit-clients 5 is outside 1..=4",
+        ),
         (&["--workers", "0"], "--workers 0 is outside"),
         (&["--clients", "0"], "--clients must be at least 1"),
         (
