@@ -50,7 +50,7 @@ impl Client for ToyClient<'_> {
         let mut data: Vec<f32> = w.iter().map(|v| v * 0.9 + k.sqrt() / 3.0).collect();
         // Large and small values: their f64 sum rounds differently in
         // another order.
-        data[1] = if self.partition % 2 == 0 {
+        data[1] = if self.partition.is_multiple_of(2) {
             1.0e12
         } else {
             k * 1e-5

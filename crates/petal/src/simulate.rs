@@ -472,7 +472,7 @@ impl RoundObserver for SimProgress<'_> {
                 let left = elapsed / done as f64 * (self.rounds - checkpoint.round) as f64;
                 let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
                 let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
-                if due || checkpoint.round % 10 == 0 || checkpoint.round == self.rounds {
+                if due || checkpoint.round.is_multiple_of(10) || checkpoint.round == self.rounds {
                     tracing::info!(
                         "round {}/{} · {what} · {left:.0} s left",
                         checkpoint.round,
