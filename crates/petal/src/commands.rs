@@ -232,8 +232,41 @@ pub(crate) fn open_run_dir(round: &RoundArgs) -> anyhow::Result<OpenedRun> {
     })
 }
 
+/// Saves each round in a run folder, and points `runs/latest` at a
+/// default one once it holds a round.
+pub(crate) struct Saver<'a> {
+    dir: &'a RunDir,
+    latest: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Saver<'a> {
+    /// Saves in `dir`; `latest`: it is a default run folder.
+    pub(crate) fn new(dir: &'a RunDir, latest: bool) -> Self {
+        Saver {
+            dir,
+            latest: std::sync::atomic::AtomicBool::new(latest),
+        }
+    }
+
+    /// Records the history and the checkpoint.
+    pub(crate) fn save(
+        &self,
+        history: &History,
+        checkpoint: &petal_core::Checkpoint,
+    ) -> Result<(), CoreError> {
+        self.dir.round_done(history, checkpoint)?;
+        if self
+            .latest
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            point_latest(self.dir.path());
+        }
+        Ok(())
+    }
+}
+
 /// Points `runs/latest` at `dir` (a default run folder, once it holds a round).
-pub(crate) fn point_latest(dir: &Path) {
+fn point_latest(dir: &Path) {
     #[cfg(unix)]
     {
         let latest = Path::new("runs").join("latest");
@@ -475,10 +508,8 @@ fn server_evaluation(
 /// Saves each round with the run folder and shows each step's progress: a
 /// bar on a terminal, a log line every 5 s otherwise.
 struct Progress<'a> {
-    dir: &'a RunDir,
+    saver: Saver<'a>,
     rounds: u64,
-    /// Points `runs/latest` here once the first round is saved.
-    latest: std::sync::atomic::AtomicBool,
     bar: Option<indicatif::ProgressBar>,
     step: std::sync::Mutex<(String, std::time::Instant)>,
 }
@@ -486,31 +517,22 @@ struct Progress<'a> {
 impl<'a> Progress<'a> {
     fn new(dir: &'a RunDir, latest: bool, rounds: u64) -> Self {
         let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-            let bar = indicatif::ProgressBar::hidden();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar
+            crate::output::styled_bar(
+                indicatif::ProgressBar::hidden(),
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+            )
         });
         crate::output::set_bar(bar.clone());
         Progress {
-            dir,
+            saver: Saver::new(dir, latest),
             rounds,
-            latest: std::sync::atomic::AtomicBool::new(latest),
             bar,
             step: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
         }
     }
 
     fn clear(&self) {
-        crate::output::set_bar(None);
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
+        crate::output::finish_bar(self.bar.as_ref());
     }
 }
 
@@ -520,14 +542,7 @@ impl RoundObserver for Progress<'_> {
         history: &History,
         checkpoint: &petal_core::Checkpoint,
     ) -> Result<(), CoreError> {
-        self.dir.round_done(history, checkpoint)?;
-        if self
-            .latest
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            point_latest(self.dir.path());
-        }
-        Ok(())
+        self.saver.save(history, checkpoint)
     }
 
     fn step_started(&self, round: u64, phase: petal_core::Phase, clients: usize) {

@@ -18,6 +18,24 @@ pub fn set_bar(b: Option<indicatif::ProgressBar>) {
     *bar() = b;
 }
 
+/// `bar` drawn with `template` (indicatif's syntax).
+pub fn styled_bar(bar: indicatif::ProgressBar, template: &str) -> indicatif::ProgressBar {
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Stops lifting `bar` for log lines and clears it.
+pub fn finish_bar(bar: Option<&indicatif::ProgressBar>) {
+    set_bar(None);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
 /// Writes `bytes` (whole lines) to stderr in one piece, the bar lifted.
 pub fn write_whole(bytes: &[u8]) {
     let guard = bar();

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -393,8 +393,7 @@ fn resident_bytes() -> Option<u64> {
 /// per second, time left and memory in use: a bar on a terminal, else a
 /// log line every 5 s, every tenth round and after the last.
 struct SimProgress<'a> {
-    dir: &'a RunDir,
-    latest: AtomicBool,
+    saver: crate::commands::Saver<'a>,
     pool: Arc<WorkerPool>,
     bar: Option<indicatif::ProgressBar>,
     start: Instant,
@@ -414,13 +413,9 @@ impl<'a> SimProgress<'a> {
     ) -> Self {
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let bar = (show && terminal).then(|| {
-            let bar = indicatif::ProgressBar::new(rounds);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "round {pos}/{len} [{bar:30}] {msg} · {eta} left ({elapsed})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            let bar = crate::output::styled_bar(
+                indicatif::ProgressBar::new(rounds),
+                "round {pos}/{len} [{bar:30}] {msg} · {eta} left ({elapsed})",
             );
             bar.set_position(first_round.saturating_sub(1));
             bar.enable_steady_tick(Duration::from_millis(250));
@@ -428,8 +423,7 @@ impl<'a> SimProgress<'a> {
         });
         crate::output::set_bar(bar.clone());
         SimProgress {
-            dir,
-            latest: AtomicBool::new(latest),
+            saver: crate::commands::Saver::new(dir, latest),
             pool,
             bar,
             start: Instant::now(),
@@ -440,10 +434,7 @@ impl<'a> SimProgress<'a> {
     }
 
     fn clear(&self) {
-        crate::output::set_bar(None);
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
+        crate::output::finish_bar(self.bar.as_ref());
     }
 }
 
@@ -453,10 +444,7 @@ impl RoundObserver for SimProgress<'_> {
         history: &History,
         checkpoint: &petal_core::Checkpoint,
     ) -> Result<(), CoreError> {
-        self.dir.round_done(history, checkpoint)?;
-        if self.latest.swap(false, Ordering::Relaxed) {
-            crate::commands::point_latest(self.dir.path());
-        }
+        self.saver.save(history, checkpoint)?;
         let elapsed = self.start.elapsed().as_secs_f64();
         let tasks = self.pool.stats().tasks.load(Ordering::Relaxed);
         let rate = tasks as f64 / elapsed.max(1e-9);
