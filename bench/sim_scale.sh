@@ -25,8 +25,9 @@ start=$(date +%s.%N)
 "$PETAL" simulate --clients "$N" --fit-clients "$F" --rounds "$R" --dataset synthetic \
   --no-progress --out "$work/run" 2>"$work/log" >/dev/null
 end=$(date +%s.%N)
-mib() { grep -o "round $1/$R · [^·]* · [0-9]* MiB" "$work/log" | tail -1 | grep -o '[0-9]* MiB$' | cut -d' ' -f1; }
+mib() { grep -o "round $1/$R · [^·]* · [0-9.]* MiB" "$work/log" | tail -1 | grep -o '[0-9.]* MiB$' | cut -d' ' -f1; }
 at10=$(mib 10)
 atR=$(mib "$R")
 echo "RSS after round 10: $at10 MiB; after round $R: $atR MiB; ratio $(python3 -c "print(f'{$atR / $at10:.3f}')")"
+echo "RSS every 10 rounds (MiB): $(grep -o "round [0-9]*0/$R · [^·]* · [0-9.]* MiB" "$work/log" | grep -o '[0-9.]* MiB$' | cut -d' ' -f1 | tr '\n' ' ')"
 echo "wall $(python3 -c "print(f'{$end - $start:.1f}')") s, $(python3 -c "print(f'{($end - $start) / $R:.3f}')") s/round"

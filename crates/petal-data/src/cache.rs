@@ -2,23 +2,26 @@
 //! processes read just their shard instead of decoding the whole data set
 //! each time.
 //!
-//! Layout (little-endian): magic `PETALSPL1`, then for train and test:
-//! `u64` channels, height, width, classes, count, then `count * C*H*W`
-//! pixel bytes and `count` label bytes.
+//! Layout (little-endian): magic `PETALSPL2`, then for train and test:
+//! `u64` channels, height, width, classes, count; a kind byte (0: `u8`
+//! pixels, 1: `f32` numbers); the normalisation's mean and std per channel
+//! (`f32`); then `count * C*H*W` values and `count` label bytes. A file
+//! lives as long as its run: no other version is read.
 
 use std::io::Write;
 use std::path::Path;
 
-use crate::{DataError, ImageSet, Splits, io_err};
+use crate::{DataError, ImageSet, Normalize, Splits, Values, io_err};
 
-const MAGIC: &[u8; 9] = b"PETALSPL1";
+const MAGIC: &[u8; 9] = b"PETALSPL2";
 
 impl Splits {
     /// Writes both splits to `path` atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut out =
-            Vec::with_capacity(MAGIC.len() + 80 + self.train.pixels.len() + self.test.pixels.len());
+        let mut out = Vec::with_capacity(
+            MAGIC.len() + 80 + 4 * (self.train.values.len() + self.test.values.len()),
+        );
         out.extend_from_slice(MAGIC);
         for set in [&self.train, &self.test] {
             for v in [
@@ -30,7 +33,17 @@ impl Splits {
             ] {
                 out.extend_from_slice(&(v as u64).to_le_bytes());
             }
-            out.extend_from_slice(&set.pixels);
+            let f32s = |out: &mut Vec<u8>, v: &[f32]| {
+                v.iter()
+                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes()))
+            };
+            out.push(u8::from(matches!(set.values, Values::F32(_))));
+            f32s(&mut out, &set.normalize.mean);
+            f32s(&mut out, &set.normalize.std);
+            match &set.values {
+                Values::U8(v) => out.extend_from_slice(v),
+                Values::F32(v) => f32s(&mut out, v),
+            }
             out.extend_from_slice(&set.labels);
         }
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -69,11 +82,36 @@ impl Splits {
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| corrupt("dimensions overflow"))?;
+            let float = match take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(corrupt("unknown value kind")),
+            };
+            let mut f32s = |n: usize| -> Result<Vec<f32>, DataError> {
+                let bytes = take(
+                    n.checked_mul(4)
+                        .ok_or_else(|| corrupt("dimensions overflow"))?,
+                )?;
+                Ok(bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect())
+            };
+            let normalize = Normalize {
+                mean: f32s(c)?,
+                std: f32s(c)?,
+            };
+            let values = if float {
+                Values::F32(f32s(size)?)
+            } else {
+                Values::U8(take(size)?.to_vec())
+            };
             Ok(ImageSet {
                 shape: [c, h, w],
                 num_classes: classes,
-                pixels: take(size)?.to_vec(),
+                values,
                 labels: take(count)?.to_vec(),
+                normalize,
             })
         };
         let train = read_set()?;

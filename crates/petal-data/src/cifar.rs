@@ -117,12 +117,7 @@ pub fn count_cifar10(dir: &Path) -> Result<Option<(usize, usize)>, DataError> {
 }
 
 fn empty() -> ImageSet {
-    ImageSet {
-        shape: [3, 32, 32],
-        num_classes: 10,
-        pixels: Vec::new(),
-        labels: Vec::new(),
-    }
+    ImageSet::pixels([3, 32, 32], 10)
 }
 
 /// Appends the records of one batch file to `set`.
@@ -145,7 +140,9 @@ fn read_batch(path: &Path, set: &mut ImageSet) -> Result<(), DataError> {
             });
         }
         set.labels.push(rec[0]);
-        set.pixels.extend_from_slice(&rec[1..]);
+        if let crate::Values::U8(p) = &mut set.values {
+            p.extend_from_slice(&rec[1..]);
+        }
     }
     Ok(())
 }

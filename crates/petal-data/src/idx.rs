@@ -149,10 +149,9 @@ fn load_pair(images: &Path, labels: &Path) -> Result<ImageSet, DataError> {
         });
     }
     Ok(ImageSet {
-        shape: [1, idims[1], idims[2]],
-        num_classes: 10,
-        pixels,
+        values: crate::Values::U8(pixels),
         labels: labels_data,
+        ..ImageSet::pixels([1, idims[1], idims[2]], 10)
     })
 }
 

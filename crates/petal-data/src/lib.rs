@@ -78,52 +78,170 @@ pub(crate) fn test_input(what: &str, present: bool) -> bool {
     false
 }
 
-/// A labelled image set held as raw pixels.
+/// The values of a set's examples, as stored: raw pixels (scaled to
+/// `[0, 1]` as torchvision's `ToTensor` does, then normalised) or numbers
+/// taken as they are (then normalised).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl Values {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::U8(v) => v.len(),
+            Values::F32(v) => v.len(),
+        }
+    }
+
+    /// True when there is no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Examples `indices` of `size` values each, in that order.
+    fn select(&self, indices: &[usize], size: usize) -> Values {
+        fn pick<T: Copy>(v: &[T], indices: &[usize], size: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(indices.len() * size);
+            for &i in indices {
+                out.extend_from_slice(&v[i * size..(i + 1) * size]);
+            }
+            out
+        }
+        match self {
+            Values::U8(v) => Values::U8(pick(v, indices, size)),
+            Values::F32(v) => Values::F32(pick(v, indices, size)),
+        }
+    }
+}
+
+/// Per-channel normalisation, part of a data set's description and of the
+/// run's settings: a value `v` (a pixel first scaled to `[0, 1]`) becomes
+/// `(v − mean[c]) / std[c]`, as torchvision's `Normalize`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalize {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Normalize {
+    /// `Normalize(0.5, 0.5)` on every channel: pixels to `[-1, 1]`, what
+    /// Petal's built-in data sets (and the seed example) use.
+    pub fn half(channels: usize) -> Self {
+        Normalize {
+            mean: vec![0.5; channels],
+            std: vec![0.5; channels],
+        }
+    }
+
+    /// No change.
+    pub fn identity(channels: usize) -> Self {
+        Normalize {
+            mean: vec![0.0; channels],
+            std: vec![1.0; channels],
+        }
+    }
+
+    /// Per channel, `(divisor, shift)` with `normalised = v / divisor + shift`
+    /// for values stored as `values` (pixels are divided by 255 too).
+    pub fn affine(&self, values: &Values) -> Vec<(f32, f32)> {
+        let scale = if matches!(values, Values::U8(_)) {
+            255.0
+        } else {
+            1.0
+        };
+        self.mean
+            .iter()
+            .zip(&self.std)
+            .map(|(&m, &s)| (scale * s, -m / s))
+            .collect()
+    }
+}
+
+/// A labelled set of examples of one shape (`[C, H, W]`; tabular data is
+/// `[D, 1, 1]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSet {
-    /// Channels, height, width of every image.
+    /// Channels, height, width of every example.
     pub shape: [usize; 3],
     /// Number of classes; labels are `0..num_classes`.
     pub num_classes: usize,
-    /// `len() * C*H*W` pixels, image after image, each channel-major.
-    pub pixels: Vec<u8>,
-    /// One label per image.
+    /// `len() * C*H*W` values, example after example, each channel-major.
+    pub values: Values,
+    /// One label per example.
     pub labels: Vec<u8>,
+    /// How values are normalised before a model sees them.
+    pub normalize: Normalize,
 }
 
 impl ImageSet {
-    /// Number of images.
+    /// An empty set of raw-pixel images normalised to `[-1, 1]`.
+    pub fn pixels(shape: [usize; 3], num_classes: usize) -> ImageSet {
+        ImageSet {
+            shape,
+            num_classes,
+            values: Values::U8(Vec::new()),
+            labels: Vec::new(),
+            normalize: Normalize::half(shape[0]),
+        }
+    }
+
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
-    /// True when the set holds no image.
+    /// True when the set holds no example.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
-    /// Values per image.
+    /// Values per example.
     pub fn image_size(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Pixels of image `i`.
-    pub fn image(&self, i: usize) -> &[u8] {
-        let n = self.image_size();
-        &self.pixels[i * n..(i + 1) * n]
+    /// Raw pixels of all images (`None` for sets of numbers).
+    pub fn raw_pixels(&self) -> Option<&[u8]> {
+        match &self.values {
+            Values::U8(v) => Some(v),
+            Values::F32(_) => None,
+        }
     }
 
-    /// The images at `indices`, in that order.
+    /// Pixels of image `i` (empty for sets of numbers).
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_size();
+        self.raw_pixels().map_or(&[], |p| &p[i * n..(i + 1) * n])
+    }
+
+    /// Example `i`, normalised, channel-major.
+    pub fn normalized(&self, i: usize) -> Vec<f32> {
+        let n = self.image_size();
+        let plane = (self.shape[1] * self.shape[2]).max(1);
+        let affine = self.normalize.affine(&self.values);
+        (0..n)
+            .map(|j| {
+                let v = match &self.values {
+                    Values::U8(p) => p[i * n + j] as f32,
+                    Values::F32(f) => f[i * n + j],
+                };
+                let (div, shift) = affine.get(j / plane).copied().unwrap_or((1.0, 0.0));
+                v / div + shift
+            })
+            .collect()
+    }
+
+    /// The examples at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> ImageSet {
-        let mut pixels = Vec::with_capacity(indices.len() * self.image_size());
-        for &i in indices {
-            pixels.extend_from_slice(self.image(i));
-        }
         ImageSet {
             shape: self.shape,
             num_classes: self.num_classes,
-            pixels,
+            values: self.values.select(indices, self.image_size()),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            normalize: self.normalize.clone(),
         }
     }
 }

@@ -219,10 +219,9 @@ mod tests {
 
     fn set(n: usize) -> ImageSet {
         ImageSet {
-            shape: [1, 1, 1],
-            num_classes: 10,
-            pixels: (0..n).map(|i| i as u8).collect(),
+            values: crate::Values::U8((0..n).map(|i| i as u8).collect()),
             labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            ..ImageSet::pixels([1, 1, 1], 10)
         }
     }
 

@@ -152,12 +152,9 @@ impl SyntheticSpec {
         let n = labels
             .as_ref()
             .map_or(if test { self.test } else { self.train }, Vec::len);
-        let mut set = ImageSet {
-            shape: self.shape,
-            num_classes: self.num_classes,
-            pixels: Vec::with_capacity(n * size),
-            labels: Vec::with_capacity(n),
-        };
+        let mut pixels = Vec::with_capacity(n * size);
+        let mut set = ImageSet::pixels(self.shape, self.num_classes);
+        set.labels.reserve(n);
         let noise = self.noise as i16;
         for i in 0..n {
             let label = match &labels {
@@ -167,9 +164,10 @@ impl SyntheticSpec {
             set.labels.push(label as u8);
             for &p in &prototypes[label] {
                 let v = p as i16 + rng.random_range(-noise..=noise);
-                set.pixels.push(v.clamp(0, 255) as u8);
+                pixels.push(v.clamp(0, 255) as u8);
             }
         }
+        set.values = crate::Values::U8(pixels);
         Ok(set)
     }
 }
@@ -188,7 +186,7 @@ mod tests {
         };
         let a = spec.generate().unwrap();
         assert_eq!(a, spec.generate().unwrap());
-        assert_eq!(a.train.pixels.len(), 20 * 3 * 8 * 8);
+        assert_eq!(a.train.values.len(), 20 * 3 * 8 * 8);
         assert!(a.train.labels.iter().all(|&l| l < 10));
         let other = SyntheticSpec {
             seed: 1,
@@ -196,7 +194,7 @@ mod tests {
         }
         .generate()
         .unwrap();
-        assert_ne!(a.train.pixels, other.train.pixels);
+        assert_ne!(a.train.values, other.train.values);
     }
 
     #[test]
@@ -209,7 +207,7 @@ mod tests {
         };
         let a = spec.generate_partition(1).unwrap();
         let b = spec.generate_partition(2).unwrap();
-        assert_ne!(a.train.pixels, b.train.pixels);
+        assert_ne!(a.train.values, b.train.values);
         assert_eq!(a, spec.generate_partition(1).unwrap());
         assert_eq!((a.train.len(), a.test.len()), (30, 10));
     }

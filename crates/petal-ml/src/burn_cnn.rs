@@ -189,8 +189,8 @@ impl BurnCnn {
         let size = data.image_size();
         let mut pixels = Vec::with_capacity(idx.len() * size);
         for &i in idx {
-            // Normalize((0.5,), (0.5,)) of torchvision: [0, 255] -> [-1, 1].
-            pixels.extend(data.image(i).iter().map(|&p| p as f32 / 127.5 - 1.0));
+            // The data set's normalisation (torchvision's Normalize).
+            pixels.extend(data.normalized(i));
         }
         let [c, h, w] = data.shape;
         let x = Tensor::from_data(TensorData::new(pixels, [idx.len(), c, h, w]), device);

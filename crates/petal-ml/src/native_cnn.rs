@@ -2,8 +2,8 @@
 //! framework, AVX-512/AVX2 kernels chosen at run time, PyTorch's layouts,
 //! names, initialisation and optimizer semantics. The default CPU learner.
 
-use petal_data::ImageSet;
-use petal_nn::{Images, NetSpec, Network};
+use petal_data::{ImageSet, Values};
+use petal_nn::{Images, NetSpec, Network, Pixels};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -36,19 +36,29 @@ impl NativeCnn {
         Ok(NativeCnn { net })
     }
 
-    fn images<'a>(&self, data: &'a ImageSet) -> Result<Images<'a>, MlError> {
+    fn check_shape(&self, data: &ImageSet) -> Result<(), MlError> {
         let input = self.net.spec().input;
         if data.shape != input {
             return Err(MlError::Shape(format!(
-                "model expects images of shape {input:?}, data has {:?}",
+                "model expects examples of shape {input:?}, data has {:?}",
                 data.shape
             )));
         }
-        Ok(Images {
-            shape: data.shape,
-            pixels: &data.pixels,
-            labels: &data.labels,
-        })
+        Ok(())
+    }
+}
+
+/// `data` as the engine reads it, normalised by `norm` (from
+/// `data.normalize.affine(&data.values)`).
+pub fn images_of<'a>(data: &'a ImageSet, norm: &'a [(f32, f32)]) -> Images<'a> {
+    Images {
+        shape: data.shape,
+        pixels: match &data.values {
+            Values::U8(v) => Pixels::U8(v),
+            Values::F32(v) => Pixels::F32(v),
+        },
+        labels: &data.labels,
+        norm,
     }
 }
 
@@ -90,7 +100,9 @@ impl Learner for NativeCnn {
     }
 
     fn fit(&mut self, data: &ImageSet, opts: &TrainOptions) -> Result<FitStats, MlError> {
-        let images = self.images(data)?;
+        self.check_shape(data)?;
+        let norm = data.normalize.affine(&data.values);
+        let images = images_of(data, &norm);
         if data.is_empty() {
             return Err(MlError::Empty("no training images"));
         }
@@ -132,7 +144,9 @@ impl Learner for NativeCnn {
     }
 
     fn evaluate(&mut self, data: &ImageSet, batch_size: usize) -> Result<EvalStats, MlError> {
-        let images = self.images(data)?;
+        self.check_shape(data)?;
+        let norm = data.normalize.affine(&data.values);
+        let images = images_of(data, &norm);
         if data.is_empty() {
             return Err(MlError::Empty("no test images"));
         }
@@ -153,7 +167,7 @@ impl Learner for NativeCnn {
 mod tests {
     use super::*;
     use petal_data::SyntheticSpec;
-    use petal_nn::{Images, NetSpec, Network};
+    use petal_nn::{NetSpec, Network};
 
     #[test]
     fn names_and_layout_are_pytorchs() {
@@ -204,11 +218,8 @@ mod tests {
             let mut net = Network::new(&NetSpec::seed_cnn(shape, 10), 0).unwrap();
             let values: Vec<&[f32]> = before.iter().map(|t| t.data.as_f32().unwrap()).collect();
             net.set_params(&values).unwrap();
-            let images = Images {
-                shape,
-                pixels: &data.pixels,
-                labels: &data.labels,
-            };
+            let norm = data.normalize.affine(&data.values);
+            let images = images_of(&data, &norm);
             let (_, grads) = net
                 .gradients(&images, &(0..32).collect::<Vec<_>>())
                 .unwrap();

@@ -20,11 +20,7 @@ fn main() {
     };
     let pixels: Vec<u8> = (0..n * size).map(|_| next()).collect();
     let labels: Vec<u8> = (0..n).map(|_| next() % 10).collect();
-    let data = Images {
-        shape,
-        pixels: &pixels,
-        labels: &labels,
-    };
+    let data = Images::new(shape, &pixels, &labels);
     let mut net = Network::with_isa(&NetSpec::seed_cnn(shape, 10), 0, isa).unwrap();
     net.set_threads(threads);
     let idx: Vec<usize> = (0..n).collect();

@@ -963,14 +963,48 @@ fn transpose(src: &[f32], rows: usize, cols: usize, rows_pad: usize, dst: &mut V
     }
 }
 
-/// Labelled images as raw pixels, `[image][channel][row][column]`, each
-/// pixel mapped to `pixel / 127.5 - 1` (torchvision's `ToTensor` and
-/// `Normalize(0.5, 0.5)`) as batches are assembled.
+/// Example values as stored: raw pixels or numbers.
+#[derive(Debug, Clone, Copy)]
+pub enum Pixels<'a> {
+    U8(&'a [u8]),
+    F32(&'a [f32]),
+}
+
+impl Pixels<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Pixels::U8(v) => v.len(),
+            Pixels::F32(v) => v.len(),
+        }
+    }
+}
+
+/// The normalisation of pixels Petal's built-in data sets use:
+/// `pixel / 127.5 − 1` (torchvision's `ToTensor` and `Normalize(0.5, 0.5)`).
+pub const HALF: (f32, f32) = (127.5, -1.0);
+
+/// Labelled examples, `[example][channel][row][column]`, each value
+/// mapped to `v / divisor[c] + shift[c]` (its channel's) as batches are
+/// assembled.
 #[derive(Debug, Clone, Copy)]
 pub struct Images<'a> {
     pub shape: [usize; 3],
-    pub pixels: &'a [u8],
+    pub pixels: Pixels<'a>,
     pub labels: &'a [u8],
+    /// Per channel `(divisor, shift)`; empty: [`HALF`] for every channel.
+    pub norm: &'a [(f32, f32)],
+}
+
+impl<'a> Images<'a> {
+    /// Raw pixels normalised as Petal's built-in data sets are ([`HALF`]).
+    pub fn new(shape: [usize; 3], pixels: &'a [u8], labels: &'a [u8]) -> Self {
+        Images {
+            shape,
+            pixels: Pixels::U8(pixels),
+            labels,
+            norm: &[],
+        }
+    }
 }
 
 impl Images<'_> {
@@ -984,9 +1018,16 @@ impl Images<'_> {
         let size: usize = shape.iter().product();
         if self.pixels.len() != self.labels.len() * size {
             return Err(NnError::Data(format!(
-                "{} pixels for {} images of {size}",
+                "{} values for {} examples of {size}",
                 self.pixels.len(),
                 self.labels.len()
+            )));
+        }
+        if !self.norm.is_empty() && self.norm.len() != shape[0] {
+            return Err(NnError::Data(format!(
+                "a normalisation of {} channels for examples of {}",
+                self.norm.len(),
+                shape[0]
             )));
         }
         if let Some(&i) = batch.iter().find(|&&i| i >= self.labels.len()) {
@@ -1009,17 +1050,31 @@ impl Images<'_> {
     /// measure the data path on its own.
     pub fn fill(&self, idx: &[usize], lanes: usize, out: &mut [f32]) {
         let size: usize = self.shape.iter().product();
+        let plane = (self.shape[1] * self.shape[2]).max(1);
         if idx.len() < lanes {
             out.fill(0.0);
         }
-        // Blocks of pixels keep the strided writes inside L1.
+        // Blocks of values keep the strided writes inside L1; a block never
+        // spans two channels, so each has one normalisation.
         const BLOCK: usize = 64;
-        for p0 in (0..size).step_by(BLOCK) {
-            let p1 = (p0 + BLOCK).min(size);
-            for (l, &i) in idx.iter().enumerate() {
-                let img = &self.pixels[i * size + p0..i * size + p1];
-                for (j, &px) in img.iter().enumerate() {
-                    out[(p0 + j) * lanes + l] = px as f32 / 127.5 - 1.0;
+        for c in 0..self.shape[0] {
+            let (div, shift) = self.norm.get(c).copied().unwrap_or(HALF);
+            for p0 in (c * plane..(c + 1) * plane).step_by(BLOCK) {
+                let p1 = (p0 + BLOCK).min((c + 1) * plane).min(size);
+                for (l, &i) in idx.iter().enumerate() {
+                    let range = i * size + p0..i * size + p1;
+                    match self.pixels {
+                        Pixels::U8(v) => {
+                            for (j, &px) in v[range].iter().enumerate() {
+                                out[(p0 + j) * lanes + l] = px as f32 / div + shift;
+                            }
+                        }
+                        Pixels::F32(v) => {
+                            for (j, &x) in v[range].iter().enumerate() {
+                                out[(p0 + j) * lanes + l] = x / div + shift;
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -399,11 +399,7 @@ fn every_isa_matches_the_reference() {
                 for batch in [vec![0], (0..5).collect(), (0..n).collect::<Vec<_>>()] {
                     let mut net = Network::with_isa(&c.spec, 9, isa).unwrap();
                     net.set_threads(threads);
-                    let data = Images {
-                        shape: c.spec.input,
-                        pixels: &c.pixels,
-                        labels: &c.labels,
-                    };
+                    let data = Images::new(c.spec.input, &c.pixels, &c.labels);
                     let (want_loss, want_grads, want_logits) = reference_of(&net, &c, &batch);
                     let what = format!(
                         "{isa:?}, {threads} threads, batch {}, input {:?}",
@@ -437,11 +433,7 @@ fn every_isa_matches_the_reference() {
 #[test]
 fn an_sgd_step_follows_pytorchs_momentum_rule() {
     let c = case(NetSpec::seed_cnn([1, 16, 16], 10), 8, 4);
-    let data = Images {
-        shape: c.spec.input,
-        pixels: &c.pixels,
-        labels: &c.labels,
-    };
+    let data = Images::new(c.spec.input, &c.pixels, &c.labels);
     let batch: Vec<usize> = (0..8).collect();
     let mut net = Network::with_isa(&c.spec, 2, Isa::Portable).unwrap();
     let p0: Vec<Vec<f32>> = net.params().iter().map(|p| p.data.clone()).collect();
@@ -470,22 +462,14 @@ fn bad_specs_and_data_are_errors() {
     assert!(Network::new(&NetSpec::seed_cnn([3, 8, 8], 10), 0).is_err());
     let mut net = Network::new(&NetSpec::seed_cnn([1, 16, 16], 10), 0).unwrap();
     let pixels = vec![0u8; 256];
-    let data = Images {
-        shape: [1, 16, 16],
-        pixels: &pixels,
-        labels: &[10],
-    };
+    let data = Images::new([1, 16, 16], &pixels, &[10]);
     assert!(
         net.train_batch(&data, &[0], 0.1, 0.9)
             .unwrap_err()
             .to_string()
             .contains("label 10")
     );
-    let data = Images {
-        shape: [1, 16, 16],
-        pixels: &pixels,
-        labels: &[1],
-    };
+    let data = Images::new([1, 16, 16], &pixels, &[1]);
     assert!(net.train_batch(&data, &[1], 0.1, 0.9).is_err());
     assert!(net.set_params(&[&[0.0]]).is_err());
 }

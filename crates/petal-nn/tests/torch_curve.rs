@@ -38,11 +38,7 @@ fn loss_curve_matches_pytorch() {
     );
     let pixels = lcg_bytes(images * 3 * 32 * 32, 7);
     let labels: Vec<u8> = lcg_bytes(images, 11).into_iter().map(|b| b % 10).collect();
-    let data = Images {
-        shape: [3, 32, 32],
-        pixels: &pixels,
-        labels: &labels,
-    };
+    let data = Images::new([3, 32, 32], &pixels, &labels);
     for isa in Isa::available() {
         for threads in [1, 2] {
             let mut net = Network::with_isa(&NetSpec::seed_cnn([3, 32, 32], 10), 0, isa).unwrap();

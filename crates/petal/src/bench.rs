@@ -44,10 +44,9 @@ pub fn train(args: &BenchTrainArgs) -> anyhow::Result<()> {
     let size: usize = args.shape.iter().product();
     let mut rng = StdRng::seed_from_u64(0);
     let data = ImageSet {
-        shape: args.shape,
-        num_classes: 10,
-        pixels: (0..args.images * size).map(|_| rng.random()).collect(),
+        values: petal_data::Values::U8((0..args.images * size).map(|_| rng.random()).collect()),
         labels: (0..args.images).map(|_| rng.random_range(0..10)).collect(),
+        ..ImageSet::pixels(args.shape, 10)
     };
     let mut learner =
         petal_ml::seed_cnn(backend, args.shape, 10, 0, args.threads).context("building the CNN")?;
@@ -69,11 +68,8 @@ pub fn train(args: &BenchTrainArgs) -> anyhow::Result<()> {
     );
     if backend == Backend::Native {
         // The data path alone: normalising images into the engine's layout.
-        let images = petal_nn::Images {
-            shape: args.shape,
-            pixels: &data.pixels,
-            labels: &data.labels,
-        };
+        let norm = data.normalize.affine(&data.values);
+        let images = petal_ml::native_cnn::images_of(&data, &norm);
         let lanes = args.batch_size.div_ceil(16) * 16;
         let mut buf = vec![0.0f32; size * lanes];
         let order: Vec<usize> = (0..args.images).collect();

@@ -448,7 +448,7 @@ impl RoundObserver for SimProgress<'_> {
         let elapsed = self.start.elapsed().as_secs_f64();
         let tasks = self.pool.stats().tasks.load(Ordering::Relaxed);
         let rate = tasks as f64 / elapsed.max(1e-9);
-        let rss = resident_bytes().map_or("?".into(), |b| format!("{}", b >> 20));
+        let rss = resident_bytes().map_or("?".into(), |b| format!("{:.1}", b as f64 / 1048576.0));
         let what = format!("{rate:.0} clients/s · {rss} MiB");
         match &self.bar {
             Some(bar) => {
