@@ -8,6 +8,7 @@
 mod cache;
 mod cifar;
 pub mod download;
+mod files;
 mod idx;
 mod partition;
 mod shares;
@@ -16,6 +17,7 @@ mod synthetic;
 use std::path::{Path, PathBuf};
 
 pub use cifar::{CIFAR10_ARCHIVE, cifar10_remote};
+pub use files::{load_csv, load_npz};
 pub use partition::{PartitionScheme, assign, assign_like, class_shares, partition_indices};
 pub use shares::{Shares, Sharing};
 pub use synthetic::SyntheticSpec;
@@ -26,7 +28,7 @@ pub const DEBIAN_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// Errors loading data; each names the file or setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("unknown dataset '{0}' (expected fashion-mnist, cifar10 or synthetic)")]
+    #[error("unknown dataset '{0}' (expected fashion-mnist, cifar10, synthetic, npz or csv)")]
     UnknownDataset(String),
     #[error("{what} not found (looked in {looked}){hint}")]
     Missing {
@@ -314,6 +316,11 @@ pub enum DatasetSpec {
     },
     /// Generated images.
     Synthetic(SyntheticSpec),
+    /// `train.npz` and `test.npz` (see [`load_npz`]), with this
+    /// normalisation instead of the identity.
+    Npz { normalize: Option<Normalize> },
+    /// `train.csv` and `test.csv` (see [`load_csv`]), labels in this column.
+    Csv { label_column: String },
 }
 
 impl DatasetSpec {
@@ -329,6 +336,10 @@ impl DatasetSpec {
                 download: download.then(cifar10_remote),
             }),
             "synthetic" => Ok(DatasetSpec::Synthetic(synthetic)),
+            "npz" => Ok(DatasetSpec::Npz { normalize: None }),
+            "csv" => Ok(DatasetSpec::Csv {
+                label_column: "label".into(),
+            }),
             other => Err(DataError::UnknownDataset(other.to_string())),
         }
     }
@@ -342,7 +353,26 @@ impl DatasetSpec {
                 cifar::load_cifar10(&cifar_dir(data_dir), download.as_ref())
             }
             DatasetSpec::Synthetic(spec) => spec.generate(),
+            DatasetSpec::Npz { normalize } => {
+                load_npz(self.files_dir(data_dir)?, normalize.as_ref())
+            }
+            DatasetSpec::Csv { label_column } => load_csv(self.files_dir(data_dir)?, label_column),
         }
+    }
+
+    /// The folder of a data set of the user's files: `--data-dir`, which must be given.
+    fn files_dir<'a>(&self, data_dir: Option<&'a Path>) -> Result<&'a Path, DataError> {
+        let name = match self {
+            DatasetSpec::Npz { .. } => "npz",
+            _ => "csv",
+        };
+        data_dir.ok_or_else(|| DataError::Missing {
+            what: format!("--dataset {name} data"),
+            looked: "nowhere".into(),
+            hint: format!(
+                "; --dataset {name} needs --data-dir DIR holding train.{name} and test.{name}"
+            ),
+        })
     }
 
     /// Checks, without decoding the images, that the data is there and can
@@ -380,6 +410,11 @@ impl DatasetSpec {
             DatasetSpec::Synthetic(spec) => {
                 spec.validate()?;
                 None
+            }
+            // The user's files are read whole: small enough to check by loading.
+            DatasetSpec::Npz { .. } | DatasetSpec::Csv { .. } => {
+                let s = self.load(data_dir)?;
+                Some((s.train.len(), s.test.len()))
             }
         };
         if let Some((train, test)) = sizes {

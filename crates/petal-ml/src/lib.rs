@@ -11,6 +11,7 @@
 
 pub mod burn_cnn;
 mod client;
+pub mod model;
 pub mod native_cnn;
 pub mod noop;
 
@@ -104,6 +105,29 @@ pub fn seed_cnn(
             ));
         }
     })
+}
+
+/// The learner of `model` (a network file; `None`: the seed CNN) for
+/// inputs of `input` shape and `num_classes` classes, on `backend`.
+pub fn build_learner(
+    backend: Backend,
+    model: Option<&model::ModelFile>,
+    input: [usize; 3],
+    num_classes: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<Box<dyn Learner>, MlError> {
+    match (model, backend) {
+        (None, _) => seed_cnn(backend, input, num_classes, seed, threads),
+        (Some(m), Backend::Native) => Ok(Box::new(native_cnn::NativeCnn::from_spec(
+            &m.spec(input, num_classes)?,
+            seed,
+            threads,
+        )?)),
+        (Some(_), _) => Err(MlError::Backend(
+            "a network file (--model) runs on Petal's engine: use --device cpu".into(),
+        )),
+    }
 }
 
 impl Learner for Box<dyn Learner> {
@@ -294,6 +318,8 @@ pub enum MlError {
     Backend(String),
     #[error("training diverged: {0}")]
     Diverged(String),
+    #[error("network file: {0}")]
+    Model(String),
 }
 
 impl From<CoreError> for MlError {

@@ -29,8 +29,12 @@ impl NativeCnn {
         seed: u64,
         threads: usize,
     ) -> Result<Self, MlError> {
-        let mut net = Network::new(&NetSpec::seed_cnn(input, num_classes), seed)
-            .map_err(|e| MlError::Shape(e.to_string()))?;
+        Self::from_spec(&NetSpec::seed_cnn(input, num_classes), seed, threads)
+    }
+
+    /// The network `spec` (e.g. from a network file), initialised from `seed`.
+    pub fn from_spec(spec: &NetSpec, seed: u64, threads: usize) -> Result<Self, MlError> {
+        let mut net = Network::new(spec, seed).map_err(|e| MlError::Shape(e.to_string()))?;
         net.set_threads(threads);
         tracing::debug!(isa = ?net.isa(), threads, "native CNN");
         Ok(NativeCnn { net })

@@ -16,9 +16,21 @@ use serde::{Deserialize, Serialize};
 /// Which data a client trains on.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct DataArgs {
-    /// Data set: fashion-mnist, cifar10 or synthetic.
+    /// Data set: fashion-mnist, cifar10, synthetic, or your files in
+    /// --data-dir: npz (train.npz and test.npz of x and y) or csv
+    /// (train.csv and test.csv; see --label-column).
     #[arg(long, default_value = "fashion-mnist")]
     pub dataset: String,
+    /// With --dataset csv: the column holding the labels.
+    #[arg(long, default_value = "label")]
+    #[serde(default = "default_label_column")]
+    pub label_column: String,
+    /// With --dataset npz: per-channel normalisation `MEAN,...:STD,...`
+    /// applied after uint8 pixels are scaled to [0, 1] (default: none),
+    /// e.g. 0.5,0.5,0.5:0.5,0.5,0.5.
+    #[arg(long, value_parser = parse_normalize)]
+    #[serde(default)]
+    pub normalize: Option<petal_data::Normalize>,
     /// Folder searched first for data files (Fashion-MNIST then falls back
     /// to /usr/share/datasets/fashion-mnist; CIFAR-10 defaults to ./data).
     #[arg(long)]
@@ -52,6 +64,38 @@ pub struct DataArgs {
     #[arg(long)]
     #[serde(default)]
     pub examples_per_client: Option<usize>,
+}
+
+fn default_label_column() -> String {
+    "label".into()
+}
+
+fn parse_normalize(s: &str) -> Result<petal_data::Normalize, String> {
+    let list = |part: &str| -> Result<Vec<f32>, String> {
+        part.split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| format!("'{v}' is not a number"))
+            })
+            .collect()
+    };
+    let (mean, std) = s
+        .split_once(':')
+        .ok_or_else(|| format!("'{s}' is not MEAN,...:STD,..."))?;
+    let n = petal_data::Normalize {
+        mean: list(mean)?,
+        std: list(std)?,
+    };
+    if n.mean.len() != n.std.len() {
+        return Err(format!("{} means and {} stds", n.mean.len(), n.std.len()));
+    }
+    if n.std.iter().any(|&v| v <= 0.0) {
+        return Err("every std must be positive".into());
+    }
+    Ok(n)
 }
 
 fn default_partition() -> PartitionScheme {
@@ -131,7 +175,21 @@ impl DataArgs {
             seed: self.data_seed,
             ..Default::default()
         };
-        DatasetSpec::from_name(&self.dataset, self.download, synthetic)
+        let spec = DatasetSpec::from_name(&self.dataset, self.download, synthetic)?;
+        Ok(match spec {
+            DatasetSpec::Npz { .. } => DatasetSpec::Npz {
+                normalize: self.normalize.clone(),
+            },
+            DatasetSpec::Csv { .. } => DatasetSpec::Csv {
+                label_column: self.label_column.clone(),
+            },
+            other => other,
+        })
+    }
+
+    /// True for data sets of the user's files (their shape is known once read).
+    pub fn from_files(&self) -> bool {
+        matches!(self.dataset.as_str(), "npz" | "csv")
     }
 
     /// Synthetic images per client, train and test (`--examples-per-client`
@@ -252,6 +310,11 @@ pub struct LearnerArgs {
     /// (default: the CNN's layout). For measuring the framework.
     #[arg(long)]
     pub noop_values: Option<usize>,
+    /// A network file (TOML; see examples/models) trained on Petal's engine
+    /// instead of the example's CNN.
+    #[arg(long)]
+    #[serde(default)]
+    pub model: Option<PathBuf>,
     /// Seed of model initialisation and shuffling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -341,6 +404,28 @@ impl LearnerArgs {
                 "--synthetic-shape {c}x{h}x{w} has an empty dimension"
             );
         }
+        let model_file = self.model_file()?;
+        if model_file.is_some() {
+            anyhow::ensure!(
+                self.device()? == Backend::Native,
+                "--model {}: a network file runs on Petal's engine (--device cpu)",
+                self.model
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            );
+        }
+        if self.data.normalize.is_some() {
+            anyhow::ensure!(
+                self.data.dataset == "npz",
+                "--normalize applies to --dataset npz (the others have their own)"
+            );
+        }
+        if self.data.from_files() || model_file.is_some() {
+            // Shapes are known once the files are read; the model is
+            // checked against them then.
+            return Ok(());
+        }
         let shape = self.data.shape();
         let shown = format!("{}x{}x{}", shape[0], shape[1], shape[2]);
         let model = match self.device()? {
@@ -385,6 +470,42 @@ impl LearnerArgs {
             }
         }
         Ok(())
+    }
+
+    /// The network file, read and checked (`None`: the example's CNN).
+    pub fn model_file(&self) -> anyhow::Result<Option<petal_ml::model::ModelFile>> {
+        self.model
+            .as_deref()
+            .map(|p| petal_ml::model::ModelFile::load(p).map_err(anyhow::Error::from))
+            .transpose()
+    }
+
+    /// Parameter names of the model (PyTorch's `state_dict` names).
+    pub fn parameter_names(&self) -> anyhow::Result<Vec<String>> {
+        Ok(match self.model_file()? {
+            Some(m) => m.parameter_names(),
+            None => petal_ml::CNN_PARAMETER_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        })
+    }
+
+    /// The learner for data of `shape` and `classes` classes.
+    pub fn build_learner(
+        &self,
+        shape: [usize; 3],
+        classes: usize,
+    ) -> anyhow::Result<Box<dyn petal_ml::Learner>> {
+        let model = self.model_file()?;
+        Ok(petal_ml::build_learner(
+            self.device()?,
+            model.as_ref(),
+            shape,
+            classes,
+            self.seed,
+            self.threads(),
+        )?)
     }
 
     /// The backend, if this build has it.

@@ -14,8 +14,7 @@ use petal_core::{
 use petal_data::{DatasetSpec, PartitionScheme, Splits};
 use petal_ml::noop::NoopClient;
 use petal_ml::{
-    Backend, CNN_PARAMETER_NAMES, Learner, LearnerClient, LearnerPool, MakeLearner, PartitionData,
-    PooledClient,
+    Backend, Learner, LearnerClient, LearnerPool, MakeLearner, PartitionData, PooledClient,
 };
 use petal_server::{GrpcServer, ServerOptions};
 
@@ -609,13 +608,7 @@ fn load_partition(args: &LearnerArgs) -> anyhow::Result<Splits> {
 
 fn load_learner_client(args: &LearnerArgs) -> anyhow::Result<LearnerClient<Box<dyn Learner>>> {
     let data = load_partition(args)?;
-    let learner = petal_ml::seed_cnn(
-        args.device()?,
-        data.train.shape,
-        data.train.num_classes,
-        args.seed,
-        args.threads(),
-    )?;
+    let learner = args.build_learner(data.train.shape, data.train.num_classes)?;
     Ok(LearnerClient::new(
         learner,
         data,
@@ -821,6 +814,7 @@ fn learner_clients(
                 }
             }
             let timeout = secs(worker_timeout, false)?;
+            let names = learner.parameter_names()?;
             Ok(ids
                 .map(|id| {
                     let mut l = learner.clone();
@@ -831,35 +825,44 @@ fn learner_clients(
                     Box::new(
                         SubprocessClient::new(exe.clone(), worker_args)
                             .with_timeout(timeout)
-                            .with_properties(petal_core::names_property(&cnn_names())),
+                            .with_properties(petal_core::names_property(&names)),
                     ) as Box<dyn petal_core::Client>
                 })
                 .collect())
         }
         Isolation::None => {
-            let (parts, classes): (Vec<PartitionData>, usize) = match &spec {
+            let (parts, shape, classes): (Vec<PartitionData>, [usize; 3], usize) = match &spec {
                 DatasetSpec::Synthetic(s) if learner.data.partition == PartitionScheme::Iid => (
                     ids.map(|id| PartitionData::Synthetic {
                         spec: s.clone(),
                         id,
                     })
                     .collect(),
+                    s.shape,
                     s.num_classes,
                 ),
-                _ => (
-                    load()?
-                        .into_iter()
-                        .map(|p| PartitionData::Loaded(Arc::new(p)))
-                        .collect(),
-                    match &spec {
-                        DatasetSpec::Synthetic(s) => s.num_classes,
-                        _ => 10,
-                    },
-                ),
+                _ => {
+                    let parts = load()?;
+                    let (shape, classes) = parts.first().map_or((learner.data.shape(), 10), |p| {
+                        (p.train.shape, p.train.num_classes)
+                    });
+                    (
+                        parts
+                            .into_iter()
+                            .map(|p| PartitionData::Loaded(Arc::new(p)))
+                            .collect(),
+                        shape,
+                        classes,
+                    )
+                }
             };
-            let (shape, seed, threads) = (learner.data.shape(), learner.seed, learner.threads());
-            let make: MakeLearner =
-                Box::new(move || petal_ml::seed_cnn(backend, shape, classes, seed, threads));
+            // A model that does not fit the data fails here, once.
+            learner.build_learner(shape, classes)?;
+            let args = learner.clone();
+            let make: MakeLearner = Box::new(move || {
+                args.build_learner(shape, classes)
+                    .map_err(|e| petal_ml::MlError::Model(format!("{e:#}")))
+            });
             let pool = Arc::new(LearnerPool::new(make));
             let defaults = learner.train.options(learner.seed);
             Ok(parts
@@ -871,11 +874,6 @@ fn learner_clients(
                 .collect())
         }
     }
-}
-
-/// The seed CNN's tensor names.
-fn cnn_names() -> Vec<String> {
-    CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect()
 }
 
 /// `petal worker`: one instruction on stdin, one reply on stdout.
@@ -1240,7 +1238,7 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<()> {
     opts.poll_interval = secs(Some(args.poll_interval), false)?.unwrap_or(Duration::from_secs(1));
     opts.max_attempts = args.connect_attempts;
     let python = learner.python_spec().is_some();
-    opts.parameter_names = Some(CNN_PARAMETER_NAMES.iter().map(|s| s.to_string()).collect());
+    opts.parameter_names = Some(learner.parameter_names()?);
     opts.max_message_bytes = max_message_bytes;
     let cache = tempfile::Builder::new()
         .prefix("petal-node-")

@@ -133,8 +133,9 @@ impl LearnerReplica {
             ))
         } else {
             Model::Learner(
-                petal_ml::seed_cnn(backend, shape, classes, learner.seed, learner.threads())
-                    .map_err(|e| local(&e))?,
+                learner
+                    .build_learner(shape, classes)
+                    .map_err(|e| CoreError::Local(format!("{e:#}")))?,
             )
         };
         Ok(LearnerReplica {
