@@ -266,8 +266,16 @@ fn check_normalize(path: &Path, n: &Normalize, channels: usize) -> Result<(), Da
     Ok(())
 }
 
+/// One CSV file: its feature columns' names, their values row after row,
+/// and the labels.
+struct Table {
+    names: Vec<String>,
+    values: Vec<f32>,
+    labels: Vec<u8>,
+}
+
 /// Numeric features and labels of one CSV file.
-fn read_csv(path: &Path, label: &str) -> Result<(Vec<String>, Vec<f32>, Vec<u8>), DataError> {
+fn read_csv(path: &Path, label: &str) -> Result<Table, DataError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let mut lines = text
         .lines()
@@ -338,7 +346,11 @@ fn read_csv(path: &Path, label: &str) -> Result<(Vec<String>, Vec<f32>, Vec<u8>)
     if labels.is_empty() {
         return Err(corrupt(path, "no rows after the header"));
     }
-    Ok((features, values, labels))
+    Ok(Table {
+        names: features,
+        values,
+        labels,
+    })
 }
 
 /// `train.csv` and `test.csv` in `dir`, label column `label`; features
@@ -351,8 +363,16 @@ pub fn load_csv(dir: &Path, label: &str) -> Result<Splits, DataError> {
         }
         read_csv(&path, label)
     };
-    let (names, train, train_labels) = read("train.csv")?;
-    let (test_names, test, test_labels) = read("test.csv")?;
+    let Table {
+        names,
+        values: train,
+        labels: train_labels,
+    } = read("train.csv")?;
+    let Table {
+        names: test_names,
+        values: test,
+        labels: test_labels,
+    } = read("test.csv")?;
     if names != test_names {
         return Err(corrupt(
             &dir.join("test.csv"),

@@ -103,6 +103,33 @@ impl Values {
         self.len() == 0
     }
 
+    /// Examples `indices` of `size` values each into `out`, reusing its
+    /// buffer when it holds values of the same kind.
+    fn select_into(&self, indices: &[u32], size: usize, out: &mut Values) {
+        fn pick<T: Copy>(v: &[T], indices: &[u32], size: usize, out: &mut Vec<T>) {
+            out.clear();
+            out.reserve(indices.len() * size);
+            for &i in indices {
+                let i = i as usize;
+                out.extend_from_slice(&v[i * size..(i + 1) * size]);
+            }
+        }
+        match (self, out) {
+            (Values::U8(v), Values::U8(o)) => pick(v, indices, size, o),
+            (Values::F32(v), Values::F32(o)) => pick(v, indices, size, o),
+            (Values::U8(v), o) => {
+                let mut buf = Vec::new();
+                pick(v, indices, size, &mut buf);
+                *o = Values::U8(buf);
+            }
+            (Values::F32(v), o) => {
+                let mut buf = Vec::new();
+                pick(v, indices, size, &mut buf);
+                *o = Values::F32(buf);
+            }
+        }
+    }
+
     /// Examples `indices` of `size` values each, in that order.
     fn select(&self, indices: &[usize], size: usize) -> Values {
         fn pick<T: Copy>(v: &[T], indices: &[usize], size: usize) -> Vec<T> {
@@ -234,6 +261,18 @@ impl ImageSet {
                 v / div + shift
             })
             .collect()
+    }
+
+    /// The examples at `indices` into `out`, reusing its buffers.
+    pub fn select_into(&self, indices: &[u32], out: &mut ImageSet) {
+        out.shape = self.shape;
+        out.num_classes = self.num_classes;
+        out.normalize.clone_from(&self.normalize);
+        self.values
+            .select_into(indices, self.image_size(), &mut out.values);
+        out.labels.clear();
+        out.labels
+            .extend(indices.iter().map(|&i| self.labels[i as usize]));
     }
 
     /// The examples at `indices`, in that order.

@@ -129,6 +129,17 @@ impl SyntheticSpec {
         self.generate_with(id, test, None)
     }
 
+    /// [`SyntheticSpec::generate_split`] into `out`, reusing its buffers (a
+    /// simulation's worker makes one client's data after another).
+    pub fn generate_split_into(
+        &self,
+        id: usize,
+        test: bool,
+        out: &mut ImageSet,
+    ) -> Result<(), DataError> {
+        self.generate_into(id, test, None, out)
+    }
+
     /// One split of partition `id`, with these labels when given (else
     /// drawn uniformly).
     fn generate_with(
@@ -137,6 +148,18 @@ impl SyntheticSpec {
         test: bool,
         labels: Option<Vec<u8>>,
     ) -> Result<ImageSet, DataError> {
+        let mut set = ImageSet::pixels(self.shape, self.num_classes);
+        self.generate_into(id, test, labels, &mut set)?;
+        Ok(set)
+    }
+
+    fn generate_into(
+        &self,
+        id: usize,
+        test: bool,
+        labels: Option<Vec<u8>>,
+        set: &mut ImageSet,
+    ) -> Result<(), DataError> {
         let size = self.validate()?;
         let mut rng = StdRng::seed_from_u64(self.seed);
         let prototypes: Vec<Vec<u8>> = (0..self.num_classes)
@@ -152,8 +175,18 @@ impl SyntheticSpec {
         let n = labels
             .as_ref()
             .map_or(if test { self.test } else { self.train }, Vec::len);
-        let mut pixels = Vec::with_capacity(n * size);
-        let mut set = ImageSet::pixels(self.shape, self.num_classes);
+        let mut pixels = match std::mem::replace(&mut set.values, crate::Values::U8(Vec::new())) {
+            crate::Values::U8(mut v) => {
+                v.clear();
+                v
+            }
+            crate::Values::F32(_) => Vec::new(),
+        };
+        pixels.reserve(n * size);
+        set.shape = self.shape;
+        set.num_classes = self.num_classes;
+        set.normalize = crate::Normalize::half(self.shape[0]);
+        set.labels.clear();
         set.labels.reserve(n);
         let noise = self.noise as i16;
         for i in 0..n {
@@ -168,7 +201,7 @@ impl SyntheticSpec {
             }
         }
         set.values = crate::Values::U8(pixels);
-        Ok(set)
+        Ok(())
     }
 }
 

@@ -107,9 +107,7 @@ impl ModelFile {
                     .name
                     .clone()
                     .ok_or_else(|| bad(i, format!("a {} needs a name", l.kind)))?;
-                if n.is_empty()
-                    || n.contains(|ch: char| !(ch.is_alphanumeric() || "_.".contains(ch)))
-                {
+                if n.is_empty() || n.contains(|ch: char| !(ch.is_alphanumeric() || ch == '_')) {
                     return Err(bad(i, format!("'{n}' is not a PyTorch module name")));
                 }
                 if names.contains(&n) {

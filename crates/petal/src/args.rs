@@ -188,7 +188,7 @@ impl DataArgs {
     }
 
     /// True for data sets of the user's files (their shape is known once read).
-    pub fn from_files(&self) -> bool {
+    pub fn is_user_files(&self) -> bool {
         matches!(self.dataset.as_str(), "npz" | "csv")
     }
 
@@ -421,7 +421,7 @@ impl LearnerArgs {
                 "--normalize applies to --dataset npz (the others have their own)"
             );
         }
-        if self.data.from_files() || model_file.is_some() {
+        if self.data.is_user_files() || model_file.is_some() {
             // Shapes are known once the files are read; the model is
             // checked against them then.
             return Ok(());

@@ -3,7 +3,6 @@
 //! `--resume` of `petal run`, and `petal sim-worker`, the worker process of
 //! `--isolation process`.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -60,8 +59,14 @@ impl SimData {
         })
     }
 
-    /// Client `partition`'s training (or test) images.
-    fn split(&self, partition: usize, test: bool) -> Result<Cow<'_, ImageSet>, CoreError> {
+    /// Client `partition`'s training (or test) examples, into `out` (its
+    /// buffers reused from one client to the next).
+    fn split_into(
+        &self,
+        partition: usize,
+        test: bool,
+        out: &mut ImageSet,
+    ) -> Result<(), CoreError> {
         let bad = |e: petal_data::DataError| CoreError::Local(e.to_string());
         match self {
             SimData::Loaded { splits, shares } => {
@@ -73,20 +78,28 @@ impl SimData {
                 let indices = lists
                     .get(partition)
                     .ok_or_else(|| CoreError::Local(format!("no virtual client {partition}")))?;
-                Ok(Cow::Owned(set.select_u32(indices)))
+                set.select_into(indices, out);
+                Ok(())
             }
             SimData::Generated {
                 spec: DatasetSpec::Synthetic(s),
                 sharing,
-            } if sharing.scheme == PartitionScheme::Iid => s
-                .generate_split(partition, test)
-                .map(Cow::Owned)
-                .map_err(bad),
+            } if sharing.scheme == PartitionScheme::Iid => {
+                s.generate_split_into(partition, test, out).map_err(bad)
+            }
             SimData::Generated { spec, sharing } => {
                 let p = spec.load_partition(None, sharing, partition).map_err(bad)?;
-                Ok(Cow::Owned(if test { p.test } else { p.train }))
+                *out = if test { p.test } else { p.train };
+                Ok(())
             }
         }
+    }
+
+    /// Client `partition`'s training (or test) examples.
+    fn split(&self, partition: usize, test: bool) -> Result<ImageSet, CoreError> {
+        let mut out = ImageSet::pixels([1, 1, 1], 1);
+        self.split_into(partition, test, &mut out)?;
+        Ok(out)
     }
 
     /// Image shape and number of classes.
@@ -110,6 +123,8 @@ struct LearnerReplica {
     model: Model,
     data: SimData,
     defaults: TrainOptions,
+    /// The current client's examples (buffers reused).
+    scratch: ImageSet,
 }
 
 enum Model {
@@ -142,6 +157,7 @@ impl LearnerReplica {
             model,
             data,
             defaults: learner.train.options(learner.seed),
+            scratch: ImageSet::pixels(shape, classes),
         })
     }
 }
@@ -176,8 +192,8 @@ impl Client for VirtualClient<'_> {
         let r = &mut *self.replica;
         match &mut r.model {
             Model::Learner(l) => {
-                let train = r.data.split(self.partition, false)?;
-                petal_ml::fit_on(&mut **l, &train, &r.defaults, &ins)
+                r.data.split_into(self.partition, false, &mut r.scratch)?;
+                petal_ml::fit_on(&mut **l, &r.scratch, &r.defaults, &ins)
             }
             Model::Noop(n) => n.fit(ins),
         }
@@ -187,8 +203,8 @@ impl Client for VirtualClient<'_> {
         let r = &mut *self.replica;
         match &mut r.model {
             Model::Learner(l) => {
-                let test = r.data.split(self.partition, true)?;
-                petal_ml::evaluate_on(&mut **l, &test, &r.defaults, &ins)
+                r.data.split_into(self.partition, true, &mut r.scratch)?;
+                petal_ml::evaluate_on(&mut **l, &r.scratch, &r.defaults, &ins)
             }
             Model::Noop(n) => n.evaluate(ins),
         }

@@ -141,7 +141,8 @@ fn float_and_tabular_npz_load_and_normalisation_can_be_given() {
 
 #[test]
 fn malformed_npz_files_are_named_with_the_field_at_fault() {
-    let cases: Vec<(Vec<(&str, Vec<u8>)>, &str)> = vec![
+    type Members = Vec<(&'static str, Vec<u8>)>;
+    let cases: Vec<(Members, &str)> = vec![
         (vec![("y.npy", npy_u8(&[2], &[0, 1]))], "no array 'x'"),
         (
             vec![
