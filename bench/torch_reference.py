@@ -1,10 +1,14 @@
-"""Writes the PyTorch loss curve that crates/petal-nn/tests/torch_curve.rs
+"""Writes the PyTorch loss curves that crates/petal-nn/tests/torch_curve.rs
 compares Petal's native engine with: the seed CNN on 3x32x32 inputs, from
-weights and data both sides generate from the same integer formulas, 100 SGD
-steps (lr 0.01, momentum 0.9, batch 32, mean cross-entropy).
+weights and data both sides generate from the same integer formulas, 100
+steps of batch 32, mean cross-entropy: SGD (lr 0.01, momentum 0.9), SGD
+with weight decay 5e-4, or Adam (lr 0.001, weight decay 1e-4).
 
     python bench/torch_reference.py > crates/petal-nn/tests/fixtures/torch_curve.json
+    python bench/torch_reference.py sgd-wd > crates/petal-nn/tests/fixtures/torch_curve_sgd_wd.json
+    python bench/torch_reference.py adam > crates/petal-nn/tests/fixtures/torch_curve_adam.json
 """
+import sys
 import json
 import math
 
@@ -62,7 +66,16 @@ def main() -> None:
             p.copy_(torch.tensor(values, dtype=torch.float64).reshape(p.shape).float())
     pixels = torch.tensor(lcg_bytes(IMAGES * 3 * 32 * 32, 7), dtype=torch.uint8).reshape(IMAGES, 3, 32, 32)
     labels = torch.tensor([b % 10 for b in lcg_bytes(IMAGES, 11)])
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    kind = sys.argv[1] if len(sys.argv) > 1 else "sgd"
+    lr, momentum, wd = LR, MOMENTUM, 0.0
+    if kind == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    elif kind == "sgd-wd":
+        wd = 5e-4
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    else:
+        lr, momentum, wd = 0.001, 0.0, 1e-4
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=wd, foreach=False)
     losses = []
     for t in range(STEPS):
         start = (t * BATCH) % IMAGES
@@ -75,7 +88,8 @@ def main() -> None:
         losses.append(loss.item())
     print(json.dumps({
         "torch": torch.__version__, "steps": STEPS, "batch": BATCH, "images": IMAGES,
-        "lr": LR, "momentum": MOMENTUM, "losses": losses,
+        "optimizer": "adam" if kind == "adam" else "sgd",
+        "lr": lr, "momentum": momentum, "weight_decay": wd, "losses": losses,
     }, indent=1))
 
 

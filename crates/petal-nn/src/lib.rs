@@ -15,7 +15,7 @@ mod net;
 mod simd;
 
 pub use kernels::Kernels;
-pub use net::{HALF, Images, LayerSpec, NetSpec, Network, Param, Pixels};
+pub use net::{HALF, Images, LayerSpec, NetSpec, Network, Optimizer, Param, Pixels};
 pub use simd::Isa;
 
 /// Errors building or feeding a network.

@@ -142,6 +142,47 @@ struct Plan {
     sizes: Vec<usize>,
 }
 
+/// How a training step updates the weights, with PyTorch's semantics
+/// (`torch.optim.SGD` and `torch.optim.Adam`; `weight_decay` is the L2 term
+/// both add to the gradient).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+}
+
+impl Optimizer {
+    /// SGD with momentum, no weight decay.
+    pub fn sgd(lr: f32, momentum: f32) -> Self {
+        Optimizer::Sgd {
+            lr,
+            momentum,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Adam with PyTorch's defaults (betas 0.9, 0.999; eps 1e-8).
+    pub fn adam(lr: f32, weight_decay: f32) -> Self {
+        Optimizer::Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
 /// The parameters, their SGD momentum, and the weights rearranged for the
 /// kernels (rebuilt after each step): forward (`[cin][k][k][cout]` or
 /// `[in][out]`) and input-gradient (`[cout][k][k][cin]` flipped, or
@@ -149,7 +190,12 @@ struct Plan {
 #[derive(Default)]
 struct Weights {
     params: Vec<Param>,
+    /// SGD's momentum buffer, or Adam's first moment.
     momentum: Vec<Vec<f32>>,
+    /// Adam's second moment (allocated at its first step).
+    second: Vec<Vec<f32>>,
+    /// Steps since the optimizer was reset (Adam's bias correction).
+    steps: u32,
     /// FedProx: `mu` and the global weights the proximal term pulls towards.
     prox: Option<(f32, Vec<Vec<f32>>)>,
     fwd: Vec<Vec<f32>>,
@@ -283,6 +329,8 @@ impl Network {
         let mut weights = Weights {
             params,
             momentum,
+            second: Vec::new(),
+            steps: 0,
             prox: None,
             fwd: Vec::new(),
             bwd: Vec::new(),
@@ -360,11 +408,17 @@ impl Network {
         });
     }
 
-    /// Forgets the SGD momentum (a new optimizer, as each local fit starts).
+    /// Forgets the optimizer's state (a new optimizer, as each local fit starts).
     pub fn reset_momentum(&mut self) {
-        for m in &mut self.weights.momentum {
+        for m in self
+            .weights
+            .momentum
+            .iter_mut()
+            .chain(&mut self.weights.second)
+        {
             m.fill(0.0);
         }
+        self.weights.steps = 0;
     }
 
     /// One epoch of SGD over `order` in batches of `batch_size`; returns
@@ -378,6 +432,17 @@ impl Network {
         lr: f32,
         momentum: f32,
     ) -> Result<Vec<f64>, NnError> {
+        self.train_epoch_with(data, order, batch_size, &Optimizer::sgd(lr, momentum))
+    }
+
+    /// One epoch with `optimizer` (see [`Network::train_epoch`]).
+    pub fn train_epoch_with(
+        &mut self,
+        data: &Images<'_>,
+        order: &[usize],
+        batch_size: usize,
+        optimizer: &Optimizer,
+    ) -> Result<Vec<f64>, NnError> {
         data.check(self.spec.input, self.classes(), order)?;
         if batch_size == 0 {
             return Err(NnError::Data("batch size 0".into()));
@@ -388,7 +453,7 @@ impl Network {
                 let (loss, _) = s.run(data, batch, true);
                 let loss = loss / batch.len() as f64 + s.proximal_loss();
                 losses.push(loss);
-                s.step(lr, momentum);
+                s.step(optimizer);
                 if !loss.is_finite() {
                     break;
                 }
@@ -409,7 +474,20 @@ impl Network {
         if batch.is_empty() {
             return Err(NnError::Data("empty batch".into()));
         }
-        let losses = self.train_epoch(data, batch, batch.len(), lr, momentum)?;
+        self.train_batch_with(data, batch, &Optimizer::sgd(lr, momentum))
+    }
+
+    /// One step with `optimizer` on the images `batch` of `data`.
+    pub fn train_batch_with(
+        &mut self,
+        data: &Images<'_>,
+        batch: &[usize],
+        optimizer: &Optimizer,
+    ) -> Result<f64, NnError> {
+        if batch.is_empty() {
+            return Err(NnError::Data("empty batch".into()));
+        }
+        let losses = self.train_epoch_with(data, batch, batch.len(), optimizer)?;
         Ok(losses[0])
     }
 
@@ -665,32 +743,89 @@ impl<'e> Session<'_, 'e> {
         f64::from(*mu) / 2.0 * sq
     }
 
-    /// An SGD step with the last batch's gradients (plus FedProx's
+    /// A step of `optimizer` with the last batch's gradients (plus FedProx's
     /// `mu · (w − w_global)`).
-    fn step(&self, lr: f32, momentum: f32) {
+    fn step(&self, optimizer: &Optimizer) {
         let grads = self.summed_grads();
         let mut w = self.weights.write().unwrap_or_else(|e| e.into_inner());
         let w = &mut *w;
-        match &w.prox {
-            None => {
-                for ((p, m), g) in w.params.iter_mut().zip(&mut w.momentum).zip(&grads) {
-                    for ((x, b), &d) in p.data.iter_mut().zip(m.iter_mut()).zip(g) {
-                        *b = momentum * *b + d;
-                        *x -= lr * *b;
-                    }
-                }
-            }
-            Some((mu, anchor)) => {
-                let iter = w
+        w.steps = w.steps.saturating_add(1);
+        let empty: Vec<Vec<f32>> = Vec::new();
+        let (mu, anchor) = match &w.prox {
+            Some((mu, a)) => (*mu, a),
+            None => (0.0, &empty),
+        };
+        match *optimizer {
+            Optimizer::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => {
+                for (i, ((p, m), g)) in w
                     .params
                     .iter_mut()
                     .zip(&mut w.momentum)
                     .zip(&grads)
-                    .zip(anchor);
-                for (((p, m), g), a) in iter {
-                    for (((x, b), &d), &y) in p.data.iter_mut().zip(m.iter_mut()).zip(g).zip(a) {
-                        *b = momentum * *b + d + mu * (*x - y);
+                    .enumerate()
+                {
+                    let a = anchor.get(i);
+                    for (j, ((x, b), &d)) in p.data.iter_mut().zip(m.iter_mut()).zip(g).enumerate()
+                    {
+                        let d = if weight_decay != 0.0 {
+                            d + weight_decay * *x
+                        } else {
+                            d
+                        };
+                        let prox = a.map_or(0.0, |a| mu * (*x - a[j]));
+                        *b = momentum * *b + d + prox;
                         *x -= lr * *b;
+                    }
+                }
+            }
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                if w.second.len() != w.params.len() {
+                    w.second = w.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
+                }
+                // PyTorch's single-tensor Adam, step for step.
+                let t = f64::from(w.steps);
+                let bc1 = 1.0 - f64::from(beta1).powf(t);
+                let bc2 = 1.0 - f64::from(beta2).powf(t);
+                let step_size = (f64::from(lr) / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                let iter = w
+                    .params
+                    .iter_mut()
+                    .zip(&mut w.momentum)
+                    .zip(&mut w.second)
+                    .zip(&grads);
+                for (i, (((p, m), v), g)) in iter.enumerate() {
+                    let a = anchor.get(i);
+                    for (j, (((x, m), v), &d)) in p
+                        .data
+                        .iter_mut()
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(g)
+                        .enumerate()
+                    {
+                        let mut d = if weight_decay != 0.0 {
+                            d + weight_decay * *x
+                        } else {
+                            d
+                        };
+                        if let Some(a) = a {
+                            d += mu * (*x - a[j]);
+                        }
+                        *m += (1.0 - beta1) * (d - *m);
+                        *v = *v * beta2 + (1.0 - beta2) * d * d;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *x += -step_size * (*m / denom);
                     }
                 }
             }

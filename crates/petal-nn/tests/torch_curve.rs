@@ -1,10 +1,11 @@
-//! From the same weights and batches, 100 SGD steps of the native engine
-//! give PyTorch's loss curve. The curve was written by
-//! `bench/torch_reference.py` (PyTorch 2.15, CPU) into
-//! `tests/fixtures/torch_curve.json`; both sides build the weights and the
-//! data from the same integer formulas, so the fixture stays small.
+//! From the same weights and batches, 100 steps of the native engine give
+//! PyTorch's loss curve, for SGD with momentum, SGD with weight decay and
+//! Adam with weight decay. The curves were written by
+//! `bench/torch_reference.py` (PyTorch 2.15, CPU) into `tests/fixtures/`;
+//! both sides build the weights and the data from the same integer
+//! formulas, so the fixtures stay small.
 
-use petal_nn::{Images, Isa, NetSpec, Network};
+use petal_nn::{Images, Isa, NetSpec, Network, Optimizer};
 
 fn weight(j: u64, i: u64, fan_in: usize) -> f32 {
     let h = (i.wrapping_mul(2_654_435_761) + j * 40_503 + 12_345) % (1 << 32);
@@ -22,8 +23,21 @@ fn lcg_bytes(n: usize, seed: u32) -> Vec<u8> {
 }
 
 #[test]
-fn loss_curve_matches_pytorch() {
-    let text = include_str!("fixtures/torch_curve.json");
+fn sgd_loss_curve_matches_pytorch() {
+    curve_matches(include_str!("fixtures/torch_curve.json"));
+}
+
+#[test]
+fn sgd_with_weight_decay_loss_curve_matches_pytorch() {
+    curve_matches(include_str!("fixtures/torch_curve_sgd_wd.json"));
+}
+
+#[test]
+fn adam_loss_curve_matches_pytorch() {
+    curve_matches(include_str!("fixtures/torch_curve_adam.json"));
+}
+
+fn curve_matches(text: &str) {
     let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
     let want: Vec<f64> = fixture["losses"]
         .as_array()
@@ -36,6 +50,15 @@ fn loss_curve_matches_pytorch() {
         fixture["lr"].as_f64().unwrap() as f32,
         fixture["momentum"].as_f64().unwrap() as f32,
     );
+    let weight_decay = fixture["weight_decay"].as_f64().unwrap_or(0.0) as f32;
+    let optimizer = match fixture["optimizer"].as_str() {
+        Some("adam") => Optimizer::adam(lr, weight_decay),
+        _ => Optimizer::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+        },
+    };
     let pixels = lcg_bytes(images * 3 * 32 * 32, 7);
     let labels: Vec<u8> = lcg_bytes(images, 11).into_iter().map(|b| b % 10).collect();
     let data = Images::new([3, 32, 32], &pixels, &labels);
@@ -63,22 +86,47 @@ fn loss_curve_matches_pytorch() {
             let refs: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
             net.set_params(&refs).unwrap();
             let mut worst = 0.0f64;
+            let mut last = f64::NAN;
             for (t, &w) in want.iter().enumerate().take(steps) {
                 let start = (t * batch) % images;
                 let idx: Vec<usize> = (start..start + batch).collect();
-                let loss = net.train_batch(&data, &idx, lr, momentum).unwrap();
+                let loss = net.train_batch_with(&data, &idx, &optimizer).unwrap();
                 worst = worst.max((loss - w).abs());
+                // Adam divides each gradient by its running scale, so
+                // rounding-level differences of tiny gradients (sums in
+                // another order: FMA kernels, two threads; the gradients
+                // agree to 1e-9) become different steps, and the curve
+                // drifts apart after some 40 steps (by 7% at step 70 with
+                // AVX2). The portable kernels on one thread sum in PyTorch's
+                // order and stay within 1e-5 for all 100 steps; the others
+                // are held to PyTorch's curve for 30 steps, then must learn.
+                let tol = match optimizer {
+                    Optimizer::Adam { .. } if isa != Isa::Portable || threads > 1 => {
+                        if t < 30 {
+                            1e-3 * w.abs()
+                        } else {
+                            f64::INFINITY
+                        }
+                    }
+                    _ => 1e-4,
+                };
+                last = loss;
                 assert!(
-                    (loss - w).abs() < 1e-4,
-                    "{isa:?}, {threads} threads, step {t}: loss {loss} vs PyTorch {w}"
+                    (loss - w).abs() < tol,
+                    "{optimizer:?}, {isa:?}, {threads} threads, step {t}: loss {loss} vs PyTorch {w}"
                 );
             }
             eprintln!(
-                "{isa:?}, {threads} threads: largest difference from PyTorch over {steps} steps: {worst:.2e}"
+                "{optimizer:?}, {isa:?}, {threads} threads: largest difference from PyTorch over {steps} steps: {worst:.2e}"
             );
             assert!(
                 want[steps - 1] < want[0] - 0.05,
                 "the fixture's curve falls"
+            );
+            assert!(
+                last < want[0] - 0.8 * (want[0] - want[steps - 1]),
+                "{optimizer:?}, {isa:?}, {threads} threads: the loss fell to {last}, PyTorch's to {}",
+                want[steps - 1]
             );
         }
     }
