@@ -280,6 +280,13 @@ impl Learner for BurnCnn {
 
     fn fit(&mut self, data: &ImageSet, opts: &TrainOptions) -> Result<FitStats, MlError> {
         self.check_data(data)?;
+        if opts.optimizer != crate::OptimizerKind::Sgd || opts.weight_decay != 0.0 {
+            return Err(MlError::Config(
+                "burn's backend trains with SGD without weight decay; Adam and weight decay \
+                 run on Petal's engine (--device cpu)"
+                    .into(),
+            ));
+        }
         if data.is_empty() {
             return Err(MlError::Empty("no training images"));
         }

@@ -175,6 +175,43 @@ pub struct TrainOptions {
     /// FedProx's proximal term `mu` (`proximal_mu`): the loss gains
     /// `mu/2 · ||w − w_global||²`; 0 is plain SGD.
     pub proximal_mu: f64,
+    /// The optimizer (`optimizer`): SGD with `momentum`, or Adam (PyTorch's
+    /// defaults: betas 0.9, 0.999, eps 1e-8).
+    pub optimizer: OptimizerKind,
+    /// L2 weight decay added to the gradient, as PyTorch's `weight_decay`
+    /// (`weight_decay`).
+    pub weight_decay: f64,
+}
+
+/// Which optimizer local training uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adam,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            other => Err(format!(
+                "unknown optimizer '{other}' (expected sgd or adam)"
+            )),
+        }
+    }
+}
+
+impl OptimizerKind {
+    /// Its name, as `--optimizer` and the fit config spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -186,13 +223,17 @@ impl Default for TrainOptions {
             batch_size: 32,
             seed: 0,
             proximal_mu: 0.0,
+            optimizer: OptimizerKind::Sgd,
+            weight_decay: 0.0,
         }
     }
 }
 
 /// The config keys a Petal learner reads (Flower's names, and Petal's
 /// older `epochs`); others are logged once.
-pub const KNOWN_CONFIG_KEYS: [&str; 10] = [
+pub const KNOWN_CONFIG_KEYS: [&str; 12] = [
+    "optimizer",
+    "weight_decay",
     "server_round",
     "local_epochs",
     "epochs",
@@ -262,7 +303,24 @@ impl TrainOptions {
         } else {
             "epochs"
         };
+        let weight_decay = config_f64(config, "weight_decay", self.weight_decay)?;
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(MlError::Config(format!(
+                "weight_decay must be a non-negative number, got {weight_decay}"
+            )));
+        }
+        let optimizer = match config.get("optimizer") {
+            None => self.optimizer,
+            Some(petal_core::Scalar::Str(s)) => s.parse().map_err(MlError::Config)?,
+            Some(other) => {
+                return Err(MlError::Config(format!(
+                    "optimizer must be a string (sgd or adam), got {other:?}"
+                )));
+            }
+        };
         Ok(TrainOptions {
+            optimizer,
+            weight_decay,
             epochs: positive_int(epochs_key, self.epochs, MAX_EPOCHS)?,
             lr,
             momentum,

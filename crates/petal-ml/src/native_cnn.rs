@@ -118,15 +118,19 @@ impl Learner for NativeCnn {
         let mut last_epoch_loss = 0.0;
         for _ in 0..opts.epochs {
             order.shuffle(&mut rng);
+            let optimizer = match opts.optimizer {
+                crate::OptimizerKind::Sgd => petal_nn::Optimizer::Sgd {
+                    lr: opts.lr as f32,
+                    momentum: opts.momentum as f32,
+                    weight_decay: opts.weight_decay as f32,
+                },
+                crate::OptimizerKind::Adam => {
+                    petal_nn::Optimizer::adam(opts.lr as f32, opts.weight_decay as f32)
+                }
+            };
             let losses = self
                 .net
-                .train_epoch(
-                    &images,
-                    &order,
-                    opts.batch_size,
-                    opts.lr as f32,
-                    opts.momentum as f32,
-                )
+                .train_epoch_with(&images, &order, opts.batch_size, &optimizer)
                 .map_err(nn)?;
             let mut sum = 0.0f64;
             for (loss, idx) in losses.iter().zip(order.chunks(opts.batch_size)) {

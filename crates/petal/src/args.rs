@@ -230,6 +230,24 @@ pub struct TrainArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Optimizer: sgd (with --momentum) or adam (PyTorch's defaults; Petal's
+    /// engine).
+    #[arg(long, default_value = "sgd", value_parser = parse_optimizer)]
+    #[serde(default = "default_optimizer")]
+    pub optimizer: String,
+    /// L2 weight decay, as PyTorch's optimizers' `weight_decay`.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+fn default_optimizer() -> String {
+    "sgd".into()
+}
+
+fn parse_optimizer(s: &str) -> Result<String, String> {
+    s.parse::<petal_ml::OptimizerKind>()
+        .map(|k| k.name().to_string())
 }
 
 impl TrainArgs {
@@ -257,6 +275,11 @@ impl TrainArgs {
             "--momentum {} is outside [0, 1)",
             self.momentum
         );
+        anyhow::ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "--weight-decay {} must be a non-negative number",
+            self.weight_decay
+        );
         Ok(())
     }
 
@@ -269,6 +292,8 @@ impl TrainArgs {
             batch_size: self.batch_size,
             seed,
             proximal_mu: 0.0,
+            optimizer: self.optimizer.parse().unwrap_or_default(),
+            weight_decay: self.weight_decay,
         }
     }
 }

@@ -60,7 +60,7 @@ impl std::fmt::Display for Stop {
 }
 
 fn fit_config(train: &TrainArgs) -> Config {
-    [
+    let mut c: Config = [
         ("epochs".to_string(), Scalar::I64(train.epochs as i64)),
         ("local_epochs".to_string(), Scalar::I64(train.epochs as i64)),
         ("lr".to_string(), Scalar::Double(train.lr)),
@@ -70,7 +70,15 @@ fn fit_config(train: &TrainArgs) -> Config {
             Scalar::I64(train.batch_size as i64),
         ),
     ]
-    .into()
+    .into();
+    // Sent when set: the seed's clients (and Flower's) know only SGD.
+    if train.optimizer != "sgd" {
+        c.insert("optimizer".into(), Scalar::Str(train.optimizer.clone()));
+    }
+    if train.weight_decay != 0.0 {
+        c.insert("weight_decay".into(), Scalar::Double(train.weight_decay));
+    }
+    c
 }
 
 fn server_options(round: &RoundArgs) -> anyhow::Result<ServerOptions> {
