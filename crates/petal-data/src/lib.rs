@@ -10,6 +10,7 @@ mod cifar;
 pub mod download;
 mod files;
 mod idx;
+mod image_folder;
 mod partition;
 mod shares;
 mod synthetic;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use cifar::{CIFAR10_ARCHIVE, cifar10_remote};
 pub use files::{load_csv, load_npz};
+pub use image_folder::load_image_folder;
 pub use partition::{PartitionScheme, assign, assign_like, class_shares, partition_indices};
 pub use shares::{Shares, Sharing};
 pub use synthetic::SyntheticSpec;
@@ -28,7 +30,9 @@ pub const DEBIAN_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// Errors loading data; each names the file or setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("unknown dataset '{0}' (expected fashion-mnist, cifar10, synthetic, npz or csv)")]
+    #[error(
+        "unknown dataset '{0}' (expected fashion-mnist, cifar10, synthetic, npz, csv or image-folder)"
+    )]
     UnknownDataset(String),
     #[error("{what} not found (looked in {looked}){hint}")]
     Missing {
@@ -360,6 +364,12 @@ pub enum DatasetSpec {
     Npz { normalize: Option<Normalize> },
     /// `train.csv` and `test.csv` (see [`load_csv`]), labels in this column.
     Csv { label_column: String },
+    /// `train/<class>/*` and `test/<class>/*` images (see
+    /// [`load_image_folder`]), resized to `size` (height, width) when given.
+    ImageFolder {
+        size: Option<[usize; 2]>,
+        normalize: Option<Normalize>,
+    },
 }
 
 impl DatasetSpec {
@@ -379,6 +389,10 @@ impl DatasetSpec {
             "csv" => Ok(DatasetSpec::Csv {
                 label_column: "label".into(),
             }),
+            "image-folder" => Ok(DatasetSpec::ImageFolder {
+                size: None,
+                normalize: None,
+            }),
             other => Err(DataError::UnknownDataset(other.to_string())),
         }
     }
@@ -396,6 +410,9 @@ impl DatasetSpec {
                 load_npz(self.files_dir(data_dir)?, normalize.as_ref())
             }
             DatasetSpec::Csv { label_column } => load_csv(self.files_dir(data_dir)?, label_column),
+            DatasetSpec::ImageFolder { size, normalize } => {
+                load_image_folder(self.files_dir(data_dir)?, *size, normalize.as_ref())
+            }
         }
     }
 
@@ -451,7 +468,7 @@ impl DatasetSpec {
                 None
             }
             // The user's files are read whole: small enough to check by loading.
-            DatasetSpec::Npz { .. } | DatasetSpec::Csv { .. } => {
+            DatasetSpec::Npz { .. } | DatasetSpec::Csv { .. } | DatasetSpec::ImageFolder { .. } => {
                 let s = self.load(data_dir)?;
                 Some((s.train.len(), s.test.len()))
             }

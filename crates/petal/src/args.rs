@@ -17,15 +17,21 @@ use serde::{Deserialize, Serialize};
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct DataArgs {
     /// Data set: fashion-mnist, cifar10, synthetic, or your files in
-    /// --data-dir: npz (train.npz and test.npz of x and y) or csv
-    /// (train.csv and test.csv; see --label-column).
+    /// --data-dir: npz (train.npz and test.npz of x and y), csv (train.csv
+    /// and test.csv; see --label-column) or image-folder (train/<class>/
+    /// and test/<class>/ of PNG or JPEG images; see --image-size).
     #[arg(long, default_value = "fashion-mnist")]
     pub dataset: String,
     /// With --dataset csv: the column holding the labels.
     #[arg(long, default_value = "label")]
     #[serde(default = "default_label_column")]
     pub label_column: String,
-    /// With --dataset npz: per-channel normalisation `MEAN,...:STD,...`
+    /// With --dataset image-folder: resize every image to HxW (without it,
+    /// images of different sizes are refused).
+    #[arg(long, value_parser = parse_size)]
+    #[serde(default)]
+    pub image_size: Option<[usize; 2]>,
+    /// With --dataset npz or image-folder: per-channel normalisation `MEAN,...:STD,...`
     /// applied after uint8 pixels are scaled to [0, 1] (default: none),
     /// e.g. 0.5,0.5,0.5:0.5,0.5,0.5.
     #[arg(long, value_parser = parse_normalize)]
@@ -64,6 +70,20 @@ pub struct DataArgs {
     #[arg(long)]
     #[serde(default)]
     pub examples_per_client: Option<usize>,
+}
+
+fn parse_size(s: &str) -> Result<[usize; 2], String> {
+    let (h, w) = s
+        .split_once('x')
+        .ok_or_else(|| format!("'{s}' is not HxW, like 32x32"))?;
+    let side = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=8192).contains(&n))
+            .ok_or_else(|| format!("'{v}' is not a side of 1 to 8192 pixels"))
+    };
+    Ok([side(h)?, side(w)?])
 }
 
 fn default_label_column() -> String {
@@ -183,13 +203,17 @@ impl DataArgs {
             DatasetSpec::Csv { .. } => DatasetSpec::Csv {
                 label_column: self.label_column.clone(),
             },
+            DatasetSpec::ImageFolder { .. } => DatasetSpec::ImageFolder {
+                size: self.image_size,
+                normalize: self.normalize.clone(),
+            },
             other => other,
         })
     }
 
     /// True for data sets of the user's files (their shape is known once read).
     pub fn is_user_files(&self) -> bool {
-        matches!(self.dataset.as_str(), "npz" | "csv")
+        matches!(self.dataset.as_str(), "npz" | "csv" | "image-folder")
     }
 
     /// Synthetic images per client, train and test (`--examples-per-client`
@@ -442,8 +466,8 @@ impl LearnerArgs {
         }
         if self.data.normalize.is_some() {
             anyhow::ensure!(
-                self.data.dataset == "npz",
-                "--normalize applies to --dataset npz (the others have their own)"
+                matches!(self.data.dataset.as_str(), "npz" | "image-folder"),
+                "--normalize applies to --dataset npz and image-folder (the others have their own)"
             );
         }
         if self.data.is_user_files() || model_file.is_some() {
