@@ -3,10 +3,13 @@ conv 5x5 -> pool -> fc 120 -> fc 84 -> fc 10, ReLU; SGD momentum 0.9,
 cross-entropy), trained on synthetic data of a given shape, one thread count.
 
     python torch_train.py --shape 3x32x32 --images 6400 --threads 1 [--batch-size 32]
+        [--model examples/models/mlp.toml]   (a network file, via tools/torch_from_spec.py)
 
 Prints one line: `torch train <N> images/s evaluate <N> images/s`.
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
@@ -40,6 +43,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=6400)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     c, h, w = (int(v) for v in a.shape.split("x"))
@@ -47,7 +51,13 @@ def main() -> None:
     # Same data path as the seed: uint8 pixels normalised to [-1, 1] per batch.
     pixels = torch.randint(0, 256, (a.images, c, h, w), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (a.images,), generator=g)
-    net = Net(c, h, w)
+    if a.model:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+        from torch_from_spec import build
+
+        net = build(a.model, (c, h, w), 10)
+    else:
+        net = Net(c, h, w)
     opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     bs = a.batch_size

@@ -148,7 +148,8 @@ impl SyntheticSpec {
         test: bool,
         labels: Option<Vec<u8>>,
     ) -> Result<ImageSet, DataError> {
-        let mut set = ImageSet::pixels(self.shape, self.num_classes);
+        // Shaped by generate_into once the spec is known to be valid.
+        let mut set = ImageSet::pixels([1, 1, 1], 1);
         self.generate_into(id, test, labels, &mut set)?;
         Ok(set)
     }

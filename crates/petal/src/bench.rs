@@ -1,6 +1,7 @@
 //! `petal bench train`: local training and evaluation speed of the seed CNN
-//! on random images of a given shape, as `bench/torch_train.py` measures
-//! PyTorch (the same data, net, optimizer and batch size).
+//! (or a network file) on random images of a given shape, as
+//! `bench/torch_train.py` measures PyTorch (the same data, net, optimizer
+//! and batch size).
 
 use std::time::Instant;
 
@@ -28,6 +29,9 @@ pub struct BenchTrainArgs {
     /// cpu (native engine) or burn.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// A network file (examples/models) instead of the seed CNN.
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// Trains one epoch to warm up, then times one epoch of training and one
@@ -48,8 +52,14 @@ pub fn train(args: &BenchTrainArgs) -> anyhow::Result<()> {
         labels: (0..args.images).map(|_| rng.random_range(0..10)).collect(),
         ..ImageSet::pixels(args.shape, 10)
     };
+    let model = args
+        .model
+        .as_deref()
+        .map(petal_ml::model::ModelFile::load)
+        .transpose()?;
     let mut learner =
-        petal_ml::seed_cnn(backend, args.shape, 10, 0, args.threads).context("building the CNN")?;
+        petal_ml::build_learner(backend, model.as_ref(), args.shape, 10, 0, args.threads)
+            .context("building the network")?;
     let opts = TrainOptions {
         batch_size: args.batch_size,
         ..TrainOptions::default()
