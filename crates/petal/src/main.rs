@@ -196,7 +196,18 @@ pub enum SimIsolation {
 #[derive(clap::Args, Debug, Clone)]
 #[command(
     mut_arg("partition_id", |a| a.hide(true)),
-    mut_arg("num_partitions", |a| a.hide(true))
+    mut_arg("num_partitions", |a| a.hide(true)),
+    mut_arg("learner", |a| a.hide(true)),
+    mut_arg("python", |a| a.hide(true)),
+    mut_arg("call_timeout", |a| a.hide(true)),
+    mut_arg("max_message_mb", |a| a.hide(true)),
+    mut_arg("max_metrics", |a| a.hide(true)),
+    mut_arg("max_tensors", |a| a.hide(true)),
+    mut_arg("max_streams_per_connection", |a| a.hide(true)),
+    mut_arg("max_connections_per_ip", |a| a.hide(true)),
+    mut_arg("handshake_timeout", |a| a.hide(true)),
+    mut_arg("keepalive_interval", |a| a.hide(true)),
+    mut_arg("keepalive_timeout", |a| a.hide(true))
 )]
 pub struct SimulateArgs {
     /// A TOML file of settings, its keys the long flag names.

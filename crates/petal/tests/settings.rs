@@ -237,3 +237,31 @@ fn a_config_file_sets_flags_by_their_long_names() {
         assert!(stderr(&o).contains(needle), "{text}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn a_run_recorded_before_server_eval_every_implied_server_eval_resumes_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let mut first = vec!["run", "--rounds", "1", "--out", out_s];
+    first.extend(SMALL);
+    let o = run(&first, tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // What an earlier Petal wrote: the flag's default, beside --server-eval false.
+    let path = out.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(config["settings"]["server-eval"][0], "false");
+    assert!(config["settings"].get("server-eval-every").is_none());
+    config["settings"]["server-eval-every"] = serde_json::json!(["1"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let o = run(&["run", "--resume", out_s, "--rounds", "2"], tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let h = history(&out);
+    assert_eq!(h["rounds"].as_array().unwrap().len(), 2);
+    assert!(
+        h["rounds"][1]["centralized"].is_null(),
+        "no server-side evaluation: {}",
+        h["rounds"][1]
+    );
+}
