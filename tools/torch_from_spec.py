@@ -39,8 +39,10 @@ class SpecNet(nn.Module):
             elif kind == "linear":
                 setattr(self, name, nn.Linear(c * h * w, out))
                 c, h, w = out, 1, 1
-            elif kind == "max_pool2d":
+            elif kind in ("max_pool2d", "avg_pool2d"):
                 h, w = h // 2, w // 2
+            elif kind == "adaptive_avg_pool2d":
+                h, w = 1, 1
             elif kind not in ("relu", "flatten"):
                 raise ValueError(f"layer type {kind!r} is not supported")
             self.steps.append((kind, name))
@@ -55,6 +57,10 @@ class SpecNet(nn.Module):
                 x = F.relu(x)
             elif kind == "max_pool2d":
                 x = F.max_pool2d(x, 2, 2)
+            elif kind == "avg_pool2d":
+                x = F.avg_pool2d(x, 2, 2)
+            elif kind == "adaptive_avg_pool2d":
+                x = F.adaptive_avg_pool2d(x, 1)
             elif kind == "flatten":
                 x = torch.flatten(x, 1)
         return x

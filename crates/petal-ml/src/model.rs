@@ -12,7 +12,8 @@
 //! [[layer]]
 //! type = "relu"         # after conv2d or linear
 //! [[layer]]
-//! type = "max_pool2d"   # 2×2, stride 2
+//! type = "max_pool2d"   # 2×2, stride 2 (also avg_pool2d; and
+//!                       # adaptive_avg_pool2d with out = 1: global average)
 //! [[layer]]
 //! type = "flatten"
 //! [[layer]]
@@ -21,9 +22,8 @@
 //! out = "classes"       # or a number
 //! ```
 //!
-//! Layers the engine has not got yet (batch norm, dropout, average and
-//! adaptive pooling, residual blocks, strided convolutions) are refused
-//! with the layer they are at.
+//! Layers the engine has not got yet (batch norm, dropout, residual blocks,
+//! strided convolutions) are refused with the layer they are at.
 
 use std::path::Path;
 
@@ -68,14 +68,10 @@ fn one() -> usize {
 }
 
 /// Layer types a network file may name that the engine does not run yet.
-const NOT_YET: &[&str] = &[
-    "batchnorm1d",
-    "batchnorm2d",
-    "dropout",
-    "avg_pool2d",
-    "adaptive_avg_pool2d",
-    "residual",
-];
+const NOT_YET: &[&str] = &["batchnorm1d", "batchnorm2d", "dropout", "residual"];
+
+/// The layer types the engine runs.
+const KNOWN: &str = "conv2d, max_pool2d, avg_pool2d, adaptive_avg_pool2d, relu, flatten, linear";
 
 impl ModelFile {
     /// Reads and checks `path` (TOML).
@@ -166,9 +162,9 @@ impl ModelFile {
                     });
                     (c, h, w) = (o, hh + 1 - k, ww + 1 - k);
                 }
-                "max_pool2d" => {
+                "max_pool2d" | "avg_pool2d" => {
                     if l.kernel.is_some_and(|k| k != 2) || !matches!(l.stride, 1 | 2) {
-                        return Err(bad(i, "max_pool2d is 2×2 with stride 2 (for now)".into()));
+                        return Err(bad(i, format!("{} is 2×2 with stride 2 (for now)", l.kind)));
                     }
                     if h < 2 || w < 2 {
                         return Err(MlError::Shape(format!(
@@ -176,8 +172,22 @@ impl ModelFile {
                             i + 1
                         )));
                     }
-                    layers.push(LayerSpec::MaxPool2);
+                    layers.push(if l.kind == "max_pool2d" {
+                        LayerSpec::MaxPool2
+                    } else {
+                        LayerSpec::AvgPool2
+                    });
                     (h, w) = (h / 2, w / 2);
+                }
+                "adaptive_avg_pool2d" => {
+                    if !matches!(l.out, Some(Out::Count(1))) {
+                        return Err(bad(
+                            i,
+                            "adaptive_avg_pool2d needs out = 1 (to 1×1, for now)".into(),
+                        ));
+                    }
+                    layers.push(LayerSpec::GlobalAvgPool);
+                    (h, w) = (1, 1);
                 }
                 "relu" => match layers.last_mut() {
                     Some(LayerSpec::Conv { relu, .. } | LayerSpec::Linear { relu, .. })
@@ -206,19 +216,10 @@ impl ModelFile {
                 k if NOT_YET.contains(&k) => {
                     return Err(bad(
                         i,
-                        format!(
-                            "{k} is not in Petal's engine yet (it has conv2d, max_pool2d, relu, flatten, linear)"
-                        ),
+                        format!("{k} is not in Petal's engine yet (it has {KNOWN})"),
                     ));
                 }
-                k => {
-                    return Err(bad(
-                        i,
-                        format!(
-                            "unknown layer type '{k}' (conv2d, max_pool2d, relu, flatten, linear)"
-                        ),
-                    ));
-                }
+                k => return Err(bad(i, format!("unknown layer type '{k}' ({KNOWN})"))),
             }
         }
         match layers.last() {
@@ -267,6 +268,16 @@ mod tests {
         let mlp = ModelFile::load(&examples("mlp.toml")).unwrap();
         let spec = mlp.spec([64, 1, 1], 3).unwrap();
         assert_eq!(spec.layers.len(), 3);
+        let allconv = ModelFile::load(&examples("allconv.toml")).unwrap();
+        let spec = allconv.spec([3, 32, 32], 10).unwrap();
+        assert!(spec.layers.contains(&LayerSpec::GlobalAvgPool));
+        assert_eq!(
+            spec.layers
+                .iter()
+                .filter(|l| **l == LayerSpec::AvgPool2)
+                .count(),
+            2
+        );
     }
 
     #[test]

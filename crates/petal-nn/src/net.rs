@@ -29,6 +29,11 @@ pub enum LayerSpec {
     },
     /// 2×2 max-pooling with stride 2.
     MaxPool2,
+    /// 2×2 average pooling with stride 2 (PyTorch's `avg_pool2d(2)`).
+    AvgPool2,
+    /// Average over each channel's whole plane, to 1×1 (PyTorch's
+    /// `adaptive_avg_pool2d(1)`).
+    GlobalAvgPool,
     /// Fully connected layer on the flattened input (PyTorch's flatten order).
     Linear {
         /// Parameter name prefix.
@@ -99,6 +104,16 @@ enum Op {
         h: usize,
         w: usize,
     },
+    AvgPool {
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+    GlobalAvg {
+        c: usize,
+        h: usize,
+        w: usize,
+    },
     Linear {
         inp: usize,
         out: usize,
@@ -111,7 +126,7 @@ impl Op {
     fn relu(&self) -> bool {
         match *self {
             Op::Conv { relu, .. } | Op::Linear { relu, .. } => relu,
-            Op::Pool { .. } => false,
+            Op::Pool { .. } | Op::AvgPool { .. } | Op::GlobalAvg { .. } => false,
         }
     }
 }
@@ -296,6 +311,20 @@ impl Network {
                     }
                     ops.push(Op::Pool { c, h, w });
                     (h, w) = (h / 2, w / 2);
+                }
+                LayerSpec::AvgPool2 => {
+                    if flat.is_some() || h < 2 || w < 2 {
+                        return Err(at(format!("cannot average-pool {h}×{w} inputs")));
+                    }
+                    ops.push(Op::AvgPool { c, h, w });
+                    (h, w) = (h / 2, w / 2);
+                }
+                LayerSpec::GlobalAvgPool => {
+                    if flat.is_some() {
+                        return Err(at("global average pooling after a linear layer".into()));
+                    }
+                    ops.push(Op::GlobalAvg { c, h, w });
+                    (h, w) = (1, 1);
                 }
                 LayerSpec::Linear { name, out, relu } => {
                     let inp = flat.unwrap_or(c * h * w);
@@ -870,7 +899,76 @@ impl Weights {
                     }
                     self.bwd[w].clone_from(src);
                 }
-                Op::Pool { .. } => {}
+                Op::Pool { .. } | Op::AvgPool { .. } | Op::GlobalAvg { .. } => {}
+            }
+        }
+    }
+}
+
+/// 2×2 average pooling, `[c][h][w][lanes]` → `[c][h/2][w/2][lanes]`, each
+/// window summed row by row, as PyTorch does.
+fn avg_pool_fwd(c: usize, h: usize, w: usize, lanes: usize, x: &[f32], y: &mut [f32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    for ch in 0..c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let at = |dy: usize, dx: usize| ((ch * h + 2 * oy + dy) * w + 2 * ox + dx) * lanes;
+                let (a, b, cc, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+                let out = ((ch * oh + oy) * ow + ox) * lanes;
+                for l in 0..lanes {
+                    y[out + l] = (x[a + l] + x[b + l] + x[cc + l] + x[d + l]) / 4.0;
+                }
+            }
+        }
+    }
+}
+
+/// The input gradient of [`avg_pool_fwd`]: a quarter of each output's
+/// gradient to each of its window (0 for an odd last row or column).
+fn avg_pool_bwd(c: usize, h: usize, w: usize, lanes: usize, dy: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    dx.fill(0.0);
+    for ch in 0..c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let out = ((ch * oh + oy) * ow + ox) * lanes;
+                for (ddy, ddx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let at = ((ch * h + 2 * oy + ddy) * w + 2 * ox + ddx) * lanes;
+                    for l in 0..lanes {
+                        dx[at + l] = dy[out + l] / 4.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Each channel's mean over its `h × w` plane: `[c][h][w][lanes]` → `[c][lanes]`.
+fn global_avg_fwd(c: usize, h: usize, w: usize, lanes: usize, x: &[f32], y: &mut [f32]) {
+    let n = (h * w) as f32;
+    for ch in 0..c {
+        let out = &mut y[ch * lanes..(ch + 1) * lanes];
+        out.fill(0.0);
+        for p in 0..h * w {
+            let row = &x[(ch * h * w + p) * lanes..(ch * h * w + p + 1) * lanes];
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        for o in out.iter_mut() {
+            *o /= n;
+        }
+    }
+}
+
+/// The input gradient of [`global_avg_fwd`].
+fn global_avg_bwd(c: usize, h: usize, w: usize, lanes: usize, dy: &[f32], dx: &mut [f32]) {
+    let n = (h * w) as f32;
+    for ch in 0..c {
+        for p in 0..h * w {
+            let at = (ch * h * w + p) * lanes;
+            for l in 0..lanes {
+                dx[at + l] = dy[ch * lanes + l] / n;
             }
         }
     }
@@ -936,6 +1034,8 @@ impl Shared<'_> {
                     );
                 }
                 Op::Pool { c, h, w: width } => k.pool_fwd(c, h, width, lanes, x, y),
+                Op::AvgPool { c, h, w: width } => avg_pool_fwd(c, h, width, lanes, x, y),
+                Op::GlobalAvg { c, h, w: width } => global_avg_fwd(c, h, width, lanes, x, y),
                 Op::Linear {
                     inp,
                     out,
@@ -1042,6 +1142,14 @@ impl Shared<'_> {
                         k.conv_fwd(&back, dy, &self.w.bwd[p], None, &mut gin[i], false);
                     }
                 }
+                // The layer before applies its own ReLU mask (`masked` stays false).
+                Op::AvgPool { c, h, w: width } if i > 0 => {
+                    avg_pool_bwd(c, h, width, lanes, dy, &mut gin[i]);
+                }
+                Op::GlobalAvg { c, h, w: width } if i > 0 => {
+                    global_avg_bwd(c, h, width, lanes, dy, &mut gin[i]);
+                }
+                Op::AvgPool { .. } | Op::GlobalAvg { .. } => {}
                 Op::Pool { c, h, w: width } => {
                     let relu_before = i > 0 && self.plan.ops[i - 1].relu();
                     k.pool_bwd(c, h, width, lanes, x, y, dy, &mut gin[i], relu_before);

@@ -106,6 +106,41 @@ impl Reference {
                             v,
                         }
                     }
+                    LayerSpec::AvgPool2 => {
+                        let (oh, ow) = (x.h / 2, x.w / 2);
+                        let mut v = vec![0.0; x.c * oh * ow];
+                        for ch in 0..x.c {
+                            for oy in 0..oh {
+                                for ox in 0..ow {
+                                    let mut s = 0.0;
+                                    for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                                        s += x.v[(ch * x.h + 2 * oy + dy) * x.w + 2 * ox + dx];
+                                    }
+                                    v[(ch * oh + oy) * ow + ox] = s / 4.0;
+                                }
+                            }
+                        }
+                        Act {
+                            c: x.c,
+                            h: oh,
+                            w: ow,
+                            v,
+                        }
+                    }
+                    LayerSpec::GlobalAvgPool => {
+                        let plane = x.h * x.w;
+                        let v = (0..x.c)
+                            .map(|ch| {
+                                x.v[ch * plane..(ch + 1) * plane].iter().sum::<f64>() / plane as f64
+                            })
+                            .collect();
+                        Act {
+                            c: x.c,
+                            h: 1,
+                            w: 1,
+                            v,
+                        }
+                    }
                     LayerSpec::Linear { out, relu, .. } => {
                         let inp = x.v.len();
                         let (wt, b) = (&self.params[p], &self.params[p + 1]);
@@ -204,6 +239,25 @@ impl Reference {
                             }
                         }
                     }
+                    LayerSpec::AvgPool2 => {
+                        let (oh, ow) = (y.h, y.w);
+                        for ch in 0..x.c {
+                            for oy in 0..oh {
+                                for ox in 0..ow {
+                                    for (dy, dxx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                                        let xi = (ch * x.h + 2 * oy + dy) * x.w + 2 * ox + dxx;
+                                        dx[xi] = d[(ch * oh + oy) * ow + ox] / 4.0;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    LayerSpec::GlobalAvgPool => {
+                        let plane = x.h * x.w;
+                        for (i, g) in dx.iter_mut().enumerate() {
+                            *g = d[i / plane] / plane as f64;
+                        }
+                    }
                     LayerSpec::Linear { out, .. } => {
                         let inp = x.v.len();
                         for o in 0..*out {
@@ -225,7 +279,12 @@ impl Reference {
     fn param_index(&self, li: usize) -> usize {
         self.spec.layers[..li]
             .iter()
-            .filter(|l| !matches!(l, LayerSpec::MaxPool2))
+            .filter(|l| {
+                !matches!(
+                    l,
+                    LayerSpec::MaxPool2 | LayerSpec::AvgPool2 | LayerSpec::GlobalAvgPool
+                )
+            })
             .count()
             * 2
     }
@@ -331,9 +390,45 @@ fn padded_net() -> NetSpec {
     }
 }
 
+/// Average pooling (odd sizes) and global average pooling before the head.
+fn avg_net() -> NetSpec {
+    NetSpec {
+        input: [2, 11, 9],
+        layers: vec![
+            LayerSpec::Conv {
+                name: "c1".into(),
+                out: 5,
+                kernel: 3,
+                padding: 1,
+                relu: true,
+            },
+            LayerSpec::AvgPool2,
+            LayerSpec::Conv {
+                name: "c2".into(),
+                out: 7,
+                kernel: 2,
+                padding: 0,
+                relu: true,
+            },
+            LayerSpec::GlobalAvgPool,
+            LayerSpec::Linear {
+                name: "fc".into(),
+                out: 4,
+                relu: false,
+            },
+        ],
+    }
+}
+
 #[test]
 fn the_reference_agrees_with_finite_differences() {
-    let c = case(padded_net(), 3, 5);
+    for spec in [padded_net(), avg_net()] {
+        finite_differences(spec);
+    }
+}
+
+fn finite_differences(spec: NetSpec) {
+    let c = case(spec, 3, 5);
     let net = Network::with_isa(&c.spec, 1, Isa::Portable).unwrap();
     let batch = [0, 1, 2];
     let (_, grads, _) = reference_of(&net, &c, &batch);
@@ -391,6 +486,7 @@ fn every_isa_matches_the_reference() {
         (NetSpec::seed_cnn([3, 32, 32], 10), 40),
         (NetSpec::seed_cnn([1, 28, 28], 10), 19),
         (padded_net(), 21),
+        (avg_net(), 13),
     ];
     for (spec, n) in specs {
         let c = case(spec, n, 3);

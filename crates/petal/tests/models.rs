@@ -119,6 +119,20 @@ fn pytorch_reads_petal_checkpoints_of_every_example_model() {
     let have_cifar = cifar.join("cifar-10-batches-bin/test_batch.bin").is_file();
     if require("../shared/data/cifar10-subset", have_cifar) {
         cases.push((
+            "allconv.toml",
+            vec![
+                "--dataset".into(),
+                "cifar10".into(),
+                "--data-dir".into(),
+                cifar.display().to_string(),
+                "--examples-per-client".into(),
+                "100".into(),
+            ],
+            "cifar10",
+            cifar.clone(),
+            vec![],
+        ));
+        cases.push((
             "seed-cnn.toml",
             vec![
                 "--dataset".into(),
