@@ -18,11 +18,11 @@ end of the last, so start-up is left out), wall seconds, final accuracy.
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context, ndarrays_to_parameters
@@ -30,26 +30,17 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.simulation import run_simulation
 
+# The example's CNN, from the same network file Petal trains
+# (examples/models/seed-cnn.toml); Ray's workers import it too.
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+SEED_CNN = os.path.join(TOOLS, "..", "examples", "models", "seed-cnn.toml")
+sys.path.insert(0, TOOLS)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TOOLS, os.environ.get("PYTHONPATH")]))
+from torch_from_spec import build  # noqa: E402
 
-class Net(nn.Module):
-    """The example's CNN (PyTorch's CIFAR-10 tutorial)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+def Net():
+    return build(SEED_CNN, (3, 32, 32), 10)
 
 
 def read_bin(paths):

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use petal_core::{Client, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters};
 use petal_proto::flwr::{client_message as cm, server_message as sm};
-use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, ServerMessage, serde as wire};
+use petal_proto::{ClientMessage, ServerMessage, serde as wire};
 use prost::Message;
 
 /// How long a worker may take to exit after its reply, or to deliver its
@@ -187,27 +187,15 @@ enum Outcome {
 
 /// Reads one length-delimited message, refusing lengths above the limit.
 fn read_reply(r: &mut impl Read) -> Result<Vec<u8>, String> {
-    let mut len: u64 = 0;
-    for i in 0..10 {
-        let mut b = [0u8; 1];
-        match r.read(&mut b) {
-            Ok(0) => return Err("the worker ended without a reply".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("reading worker output: {e}")),
-        }
-        len |= u64::from(b[0] & 0x7f) << (7 * i);
-        if b[0] & 0x80 == 0 {
-            if len > MAX_MESSAGE_BYTES as u64 {
-                return Err(format!("malformed worker output: a reply of {len} bytes"));
-            }
-            let mut buf = vec![0u8; len as usize];
-            return r
-                .read_exact(&mut buf)
-                .map(|()| buf)
-                .map_err(|_| "malformed worker output: the reply was cut short".into());
-        }
+    use petal_proto::frames::DelimitedError as E;
+    match petal_proto::frames::read_delimited(r) {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err("the worker ended without a reply".into()),
+        Err(E::Io(e)) => Err(format!("reading worker output: {e}")),
+        Err(E::TooLong(len)) => Err(format!("malformed worker output: a reply of {len} bytes")),
+        Err(E::CutShort) => Err("malformed worker output: the reply was cut short".into()),
+        Err(E::BadPrefix) => Err("malformed worker output: bad length prefix".into()),
     }
-    Err("malformed worker output: bad length prefix".into())
 }
 
 /// True once the worker has exited; it is not reaped, so its pid (and

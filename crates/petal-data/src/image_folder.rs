@@ -176,20 +176,17 @@ fn read_split(
             if img.w == 0 || img.h == 0 || img.w > MAX_SIDE || img.h > MAX_SIDE {
                 return Err(corrupt(&file, format!("{}×{} pixels", img.w, img.h)));
             }
-            let (h, w) = match (size, &*first) {
-                (Some([h, w]), _) => (h, w),
-                (None, Some((_, h, w))) => (*h, *w),
-                (None, None) => (img.h, img.w),
-            };
-            if first.is_none() {
-                *first = Some((file.clone(), h, w));
-            }
+            // Every image takes the given size, else the first image's.
+            let (p0, h, w) = first.get_or_insert_with(|| {
+                let [h, w] = size.unwrap_or([img.h, img.w]);
+                (file.clone(), h, w)
+            });
+            let (h, w) = (*h, *w);
             let rgb = if (img.h, img.w) == (h, w) {
                 img.pixels
             } else if size.is_some() {
                 resize(&img, h, w)
             } else {
-                let (p0, ..) = first.as_ref().map_or((file.clone(), 0, 0), |f| f.clone());
                 return Err(corrupt(
                     &file,
                     format!(

@@ -133,21 +133,6 @@ impl Values {
             }
         }
     }
-
-    /// Examples `indices` of `size` values each, in that order.
-    fn select(&self, indices: &[usize], size: usize) -> Values {
-        fn pick<T: Copy>(v: &[T], indices: &[usize], size: usize) -> Vec<T> {
-            let mut out = Vec::with_capacity(indices.len() * size);
-            for &i in indices {
-                out.extend_from_slice(&v[i * size..(i + 1) * size]);
-            }
-            out
-        }
-        match self {
-            Values::U8(v) => Values::U8(pick(v, indices, size)),
-            Values::F32(v) => Values::F32(pick(v, indices, size)),
-        }
-    }
 }
 
 /// Per-channel normalisation, part of a data set's description and of the
@@ -280,14 +265,10 @@ impl ImageSet {
     }
 
     /// The examples at `indices`, in that order.
-    pub fn select(&self, indices: &[usize]) -> ImageSet {
-        ImageSet {
-            shape: self.shape,
-            num_classes: self.num_classes,
-            values: self.values.select(indices, self.image_size()),
-            labels: indices.iter().map(|&i| self.labels[i]).collect(),
-            normalize: self.normalize.clone(),
-        }
+    pub fn select(&self, indices: &[u32]) -> ImageSet {
+        let mut out = ImageSet::pixels([1, 1, 1], 1);
+        self.select_into(indices, &mut out);
+        out
     }
 }
 

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::partition::{assign, assign_like, check, class_shares};
-use crate::{DataError, ImageSet, PartitionScheme, Splits};
+use crate::{DataError, PartitionScheme, Splits};
 
 /// The training and test examples of every client: `train[id]` and
 /// `test[id]` index the data set's splits.
@@ -188,21 +188,13 @@ impl Shares {
     }
 }
 
-impl ImageSet {
-    /// The images at `indices` (indices from [`Shares`]), in that order.
-    pub fn select_u32(&self, indices: &[u32]) -> ImageSet {
-        let wide: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
-        self.select(&wide)
-    }
-}
-
 impl Splits {
     /// Client `id`'s examples, copied out of the whole data set.
     pub fn share(&self, shares: &Shares, id: usize) -> Result<Splits, DataError> {
         match (shares.train.get(id), shares.test.get(id)) {
             (Some(train), Some(test)) => Ok(Splits {
-                train: self.train.select_u32(train),
-                test: self.test.select_u32(test),
+                train: self.train.select(train),
+                test: self.test.select(test),
             }),
             _ => Err(DataError::Partition(format!(
                 "partition id {id} is out of range for {} partitions (0..{})",
@@ -216,6 +208,7 @@ impl Splits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ImageSet;
 
     fn set(n: usize) -> ImageSet {
         ImageSet {

@@ -416,4 +416,31 @@ mod tests {
                 .contains("'lr'")
         );
     }
+
+    #[test]
+    fn the_optimizer_and_weight_decay_come_from_the_config() {
+        let base = TrainOptions::default();
+        assert_eq!(
+            (base.optimizer, base.weight_decay),
+            (OptimizerKind::Sgd, 0.0)
+        );
+        let cfg: Config = [
+            ("optimizer".to_string(), Scalar::Str("adam".into())),
+            ("weight_decay".to_string(), Scalar::Double(1e-4)),
+        ]
+        .into();
+        let o = base.with_config(&cfg).unwrap();
+        assert_eq!((o.optimizer, o.weight_decay), (OptimizerKind::Adam, 1e-4));
+        let bad: Config = [("optimizer".to_string(), Scalar::Str("rmsprop".into()))].into();
+        let e = base.with_config(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown optimizer 'rmsprop'"), "{e}");
+        let bad: Config = [("optimizer".to_string(), Scalar::I64(1))].into();
+        assert!(base.with_config(&bad).is_err());
+        let bad: Config = [("weight_decay".to_string(), Scalar::Double(-1.0))].into();
+        let e = base.with_config(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("weight_decay must be a non-negative number"),
+            "{e}"
+        );
+    }
 }

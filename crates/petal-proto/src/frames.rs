@@ -21,6 +21,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::codegen::http::{HeaderMap, HeaderValue};
 
+use crate::MAX_MESSAGE_BYTES;
 use crate::flwr::server_message as sm;
 use crate::serde::{config_to_proto, npy_tensors};
 use crate::{ServerMessage, TENSOR_TYPE_NUMPY};
@@ -307,6 +308,46 @@ where
     }
 }
 
+/// Why a length-delimited message could not be read from a pipe.
+#[derive(Debug, thiserror::Error)]
+pub enum DelimitedError {
+    #[error("a message of {0} bytes, more than {MAX_MESSAGE_BYTES}")]
+    TooLong(u64),
+    #[error("the message was cut short")]
+    CutShort,
+    #[error("bad length prefix")]
+    BadPrefix,
+    #[error("reading: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one message written with prost's `encode_length_delimited` (a
+/// varint length, then the bytes) of at most [`MAX_MESSAGE_BYTES`], from a
+/// pipe between Petal processes; `Ok(None)` when the input ends before it.
+pub fn read_delimited(r: &mut impl std::io::Read) -> Result<Option<Vec<u8>>, DelimitedError> {
+    let mut len: u64 = 0;
+    for i in 0..10 {
+        let mut b = [0u8; 1];
+        match r.read(&mut b)? {
+            0 if i == 0 => return Ok(None),
+            0 => return Err(DelimitedError::CutShort),
+            _ => {}
+        }
+        len |= u64::from(b[0] & 0x7f) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            if len > MAX_MESSAGE_BYTES as u64 {
+                return Err(DelimitedError::TooLong(len));
+            }
+            let mut buf = vec![0u8; len as usize];
+            return r
+                .read_exact(&mut buf)
+                .map(|()| Some(buf))
+                .map_err(|_| DelimitedError::CutShort);
+        }
+    }
+    Err(DelimitedError::BadPrefix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,5 +442,28 @@ mod tests {
         d.push(Bytes::from_static(&[0, 0, 0, 0, 4, 1]), &mut out)
             .unwrap();
         assert!(!d.is_idle(), "a stream ending now is truncated");
+    }
+
+    #[test]
+    fn delimited_messages_end_cleanly_or_say_what_is_wrong() {
+        let mut two: &[u8] = &[2, 7, 8, 1, 9];
+        assert_eq!(read_delimited(&mut two).unwrap(), Some(vec![7, 8]));
+        assert_eq!(read_delimited(&mut two).unwrap(), Some(vec![9]));
+        assert!(read_delimited(&mut two).unwrap().is_none(), "a clean end");
+        let mut cut: &[u8] = &[5, 1, 2];
+        assert!(matches!(
+            read_delimited(&mut cut),
+            Err(DelimitedError::CutShort)
+        ));
+        let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(matches!(
+            read_delimited(&mut huge),
+            Err(DelimitedError::TooLong(_))
+        ));
+        let mut endless: &[u8] = &[0x80; 12];
+        assert!(matches!(
+            read_delimited(&mut endless),
+            Err(DelimitedError::BadPrefix)
+        ));
     }
 }

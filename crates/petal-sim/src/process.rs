@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use petal_core::{CoreError, Parameters};
 use petal_proto::flwr::{self, client_message as cm, server_message as sm};
-use petal_proto::{ClientMessage, MAX_MESSAGE_BYTES, ServerMessage, serde as wire};
+use petal_proto::frames::read_delimited;
+use petal_proto::{ClientMessage, ServerMessage, serde as wire};
 use prost::Message;
 
 use crate::pool::{PoolStats, Replica, Reply, Task, run_task};
@@ -45,33 +46,6 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 fn err(index: usize, why: impl std::fmt::Display) -> CoreError {
     CoreError::Local(format!("worker process {index}: {why}"))
-}
-
-/// Reads one length-delimited message of at most [`MAX_MESSAGE_BYTES`];
-/// `Ok(None)` at a clean end of input.
-fn read_delimited(r: &mut impl Read) -> Result<Option<Vec<u8>>, String> {
-    let mut len: u64 = 0;
-    for i in 0..10 {
-        let mut b = [0u8; 1];
-        match r.read(&mut b) {
-            Ok(0) if i == 0 => return Ok(None),
-            Ok(0) => return Err("the message was cut short".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("reading: {e}")),
-        }
-        len |= u64::from(b[0] & 0x7f) << (7 * i);
-        if b[0] & 0x80 == 0 {
-            if len > MAX_MESSAGE_BYTES as u64 {
-                return Err(format!("a message of {len} bytes"));
-            }
-            let mut buf = vec![0u8; len as usize];
-            return r
-                .read_exact(&mut buf)
-                .map(|()| Some(buf))
-                .map_err(|_| "the message was cut short".into());
-        }
-    }
-    Err("bad length prefix".into())
 }
 
 struct Running {
@@ -212,10 +186,20 @@ impl ProcessWorker {
             .write_all(frame)
             .and_then(|()| r.stdin.flush())
             .map_err(|e| format!("sending the task: {e}"))?;
-        read_delimited(&mut r.stdout)?.ok_or_else(|| "it ended without a reply".into())
+        read_delimited(&mut r.stdout)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "it ended without a reply".into())
     }
+}
 
-    fn run(&mut self, partition: usize, task: Task) -> Result<Reply, CoreError> {
+impl Drop for ProcessWorker {
+    fn drop(&mut self) {
+        self.retire(false);
+    }
+}
+
+impl crate::pool::Executor for ProcessWorker {
+    fn execute(&mut self, partition: usize, task: Task) -> Result<Reply, CoreError> {
         self.start()?;
         let frame = self.frame(partition, &task);
         let bytes = match self.exchange(&frame) {
@@ -238,18 +222,6 @@ impl ProcessWorker {
             }
         }
         decode_reply(&bytes, &task).map_err(|e| err(self.index, e))
-    }
-}
-
-impl Drop for ProcessWorker {
-    fn drop(&mut self) {
-        self.retire(false);
-    }
-}
-
-impl crate::pool::Executor for ProcessWorker {
-    fn execute(&mut self, partition: usize, task: Task) -> Result<Reply, CoreError> {
-        self.run(partition, task)
     }
 }
 
@@ -311,7 +283,7 @@ pub fn serve(
         let partition = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
         let reuse = head[8] == MODEL_AS_BEFORE;
         let bytes = read_delimited(input)
-            .map_err(io)?
+            .map_err(|e| io(e.to_string()))?
             .ok_or_else(|| io("the task was cut short".into()))?;
         let msg = ServerMessage::decode(bytes.as_slice())
             .map_err(|e| io(format!("malformed task: {e}")))?

@@ -1022,3 +1022,30 @@ impl ClientTlsArgs {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_sizes_and_normalisations_parse_or_say_why_not() {
+        assert_eq!(parse_size("32x28"), Ok([32, 28]));
+        for bad in ["32", "0x4", "4x99999", "ax4"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let n = parse_normalize("0.5,0.4:0.25,0.2").unwrap();
+        assert_eq!((n.mean, n.std), (vec![0.5, 0.4], vec![0.25, 0.2]));
+        assert!(parse_normalize("0.5").unwrap_err().contains("not MEAN"));
+        assert!(
+            parse_normalize("0.5,0.5:1")
+                .unwrap_err()
+                .contains("2 means and 1 stds")
+        );
+        assert!(parse_normalize("0.5:0").unwrap_err().contains("positive"));
+        assert!(
+            parse_normalize("x:1")
+                .unwrap_err()
+                .contains("'x' is not a number")
+        );
+    }
+}

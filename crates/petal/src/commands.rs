@@ -389,11 +389,32 @@ async fn federate(
         run_dir.path().display()
     );
     let observer = Progress::new(run_dir, run.default, config.num_rounds);
-    let outcome = tokio::select! {
-        r = run_federation(registry, &mut *strategy, &config, resume, &observer) => Ok(r),
-        stop = shutdown_signal() => Err(stop),
-    };
+    let outcome = until_signal(registry, &mut *strategy, &config, resume, &observer).await;
     observer.clear();
+    federation_outcome(run, outcome)
+}
+
+/// The federation, until it ends or Ctrl-C/SIGTERM stops it.
+pub(crate) async fn until_signal(
+    manager: &dyn petal_core::ClientManager,
+    strategy: &mut dyn petal_core::Strategy,
+    config: &RunConfig,
+    resume: Option<petal_core::Resume>,
+    observer: &dyn RoundObserver,
+) -> Result<Result<History, CoreError>, Stop> {
+    tokio::select! {
+        r = run_federation(manager, strategy, config, resume, observer) => Ok(r),
+        stop = shutdown_signal() => Err(stop),
+    }
+}
+
+/// The history of a federation that ran to its end, failed or was stopped
+/// (recorded in the run folder, summarised on the terminal).
+pub(crate) fn federation_outcome(
+    run: &OpenedRun,
+    outcome: Result<Result<History, CoreError>, Stop>,
+) -> anyhow::Result<History> {
+    let run_dir = &run.dir;
     let dir = run_dir.path().display().to_string();
     match outcome {
         Err(stop) => {
@@ -402,19 +423,7 @@ async fn federate(
             run.discard_if_empty(Some(&h));
             Err(Interrupted(dir, stop).into())
         }
-        Ok(outcome) => federation_outcome(run, outcome, &dir),
-    }
-}
-
-/// The history of a federation that ran to its end or failed.
-pub(crate) fn federation_outcome(
-    run: &OpenedRun,
-    outcome: Result<History, CoreError>,
-    dir: &str,
-) -> anyhow::Result<History> {
-    let run_dir = &run.dir;
-    match outcome {
-        Err(e) => {
+        Ok(Err(e)) => {
             let h = run_dir.finish(RunStatus::Failed(e.to_string()))?;
             eprint!("{}", h.summary());
             run.discard_if_empty(Some(&h));
@@ -423,13 +432,35 @@ pub(crate) fn federation_outcome(
             }
             Err(anyhow::Error::from(e).context(format!("the run failed (history in {dir})")))
         }
-        Ok(_) => {
+        Ok(Ok(_)) => {
             let h = run_dir.finish(RunStatus::Completed)?;
             print!("{}", h.summary());
             tracing::info!("history and checkpoint written to {dir}");
             Ok(h)
         }
     }
+}
+
+/// Fails when a round of `history` aggregated no training result (it was
+/// skipped, or every client failed), naming why.
+pub(crate) fn every_round_trained(history: &History) -> anyhow::Result<()> {
+    let Some(r) = history
+        .rounds
+        .iter()
+        .find(|r| r.skipped.is_some() || r.fit_results == 0)
+    else {
+        return Ok(());
+    };
+    let why = match &r.skipped {
+        Some(s) => format!("skipped: {s}"),
+        None => r
+            .failures
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    bail!("round {} aggregated no training result ({why})", r.round)
 }
 
 /// Server-side evaluation: a client of the whole data set (one partition)
@@ -1097,22 +1128,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<()> {
     if !died.is_empty() {
         bail!("client processes failed: {}", died.join(", "));
     }
-    if let Some(r) = history
-        .rounds
-        .iter()
-        .find(|r| r.skipped.is_some() || r.fit_results == 0)
-    {
-        let why = match &r.skipped {
-            Some(s) => format!("skipped: {s}"),
-            None => r
-                .failures
-                .iter()
-                .map(|f| f.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        };
-        bail!("round {} aggregated no training result ({why})", r.round);
-    }
+    every_round_trained(&history)?;
     Ok(())
 }
 

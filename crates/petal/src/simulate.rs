@@ -7,25 +7,27 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use petal_core::{
     Client, ClientManager, Config, CoreError, EvaluateIns, EvaluateRes, FitIns, FitRes, History,
-    Parameters, RoundObserver, RunDir, RunStatus,
+    Parameters, RoundObserver, RunDir,
 };
-use petal_data::{DatasetSpec, ImageSet, PartitionScheme, Shares, Sharing, Splits};
+use petal_data::{DatasetSpec, ImageSet, PartitionScheme, Shares, Sharing, Splits, SyntheticSpec};
 use petal_ml::{Backend, Learner, TrainOptions};
 use petal_sim::process::WorkerCommand;
 use petal_sim::{Federation, Isolation, MakeReplica, Replica, WorkerPool};
 
 use crate::args::{FederationArgs, LearnerArgs};
-use crate::commands::{Interrupted, federation_outcome, open_run_dir, prepare, shutdown_signal};
+use crate::commands::{
+    every_round_trained, federation_outcome, open_run_dir, prepare, until_signal,
+};
 use crate::{SimIsolation, SimulateArgs};
 
 /// Most workers a simulation may start.
 const MAX_WORKERS: usize = 1024;
 
 /// The data of every virtual client: one loaded data set and each
-/// client's indices, or a generator making a client's images on demand.
+/// client's indices, or synthetic images made when a client needs them.
 #[derive(Clone)]
 enum SimData {
     Loaded {
@@ -33,7 +35,7 @@ enum SimData {
         shares: Arc<Shares>,
     },
     Generated {
-        spec: DatasetSpec,
+        spec: SyntheticSpec,
         sharing: Sharing,
     },
 }
@@ -42,7 +44,7 @@ impl SimData {
     fn load(learner: &LearnerArgs, clients: usize) -> anyhow::Result<Self> {
         let spec = learner.data.spec()?;
         let sharing = learner.data.sharing(clients);
-        if let DatasetSpec::Synthetic(_) = spec {
+        if let DatasetSpec::Synthetic(spec) = spec {
             return Ok(SimData::Generated { spec, sharing });
         }
         let splits = spec.load(learner.data.data_dir.as_deref())?;
@@ -81,40 +83,25 @@ impl SimData {
                 set.select_into(indices, out);
                 Ok(())
             }
-            SimData::Generated {
-                spec: DatasetSpec::Synthetic(s),
-                sharing,
-            } if sharing.scheme == PartitionScheme::Iid => {
-                s.generate_split_into(partition, test, out).map_err(bad)
+            SimData::Generated { spec, sharing } if sharing.scheme == PartitionScheme::Iid => {
+                spec.generate_split_into(partition, test, out).map_err(bad)
             }
             SimData::Generated { spec, sharing } => {
-                let p = spec.load_partition(None, sharing, partition).map_err(bad)?;
+                let p = spec
+                    .generate_partition_by(sharing.scheme, partition, sharing.clients, sharing.seed)
+                    .map_err(bad)?;
                 *out = if test { p.test } else { p.train };
                 Ok(())
             }
         }
     }
 
-    /// Client `partition`'s training (or test) examples.
-    fn split(&self, partition: usize, test: bool) -> Result<ImageSet, CoreError> {
-        let mut out = ImageSet::pixels([1, 1, 1], 1);
-        self.split_into(partition, test, &mut out)?;
-        Ok(out)
-    }
-
-    /// Image shape and number of classes.
-    fn shape(&self) -> Result<([usize; 3], usize), CoreError> {
-        Ok(match self {
+    /// Example shape and number of classes.
+    fn shape(&self) -> ([usize; 3], usize) {
+        match self {
             SimData::Loaded { splits, .. } => (splits.train.shape, splits.train.num_classes),
-            SimData::Generated {
-                spec: DatasetSpec::Synthetic(s),
-                ..
-            } => (s.shape, s.num_classes),
-            SimData::Generated { .. } => {
-                let s = self.split(0, false)?;
-                (s.shape, s.num_classes)
-            }
-        })
+            SimData::Generated { spec, .. } => (spec.shape, spec.num_classes),
+        }
     }
 }
 
@@ -137,9 +124,11 @@ impl LearnerReplica {
     fn new(learner: &LearnerArgs, data: SimData) -> Result<Self, CoreError> {
         let local = |e: &dyn std::fmt::Display| CoreError::Local(e.to_string());
         let backend = learner.device().map_err(|e| local(&e))?;
-        let (shape, classes) = data.shape()?;
+        let (shape, classes) = data.shape();
+        let mut scratch = ImageSet::pixels(shape, classes);
         let model = if backend == Backend::Noop {
-            let examples = data.split(0, false)?.len() as u64;
+            data.split_into(0, false, &mut scratch)?;
+            let examples = scratch.len() as u64;
             Model::Noop(petal_ml::noop::NoopClient::new(
                 shape,
                 classes,
@@ -157,7 +146,7 @@ impl LearnerReplica {
             model,
             data,
             defaults: learner.train.options(learner.seed),
-            scratch: ImageSet::pixels(shape, classes),
+            scratch,
         })
     }
 }
@@ -289,28 +278,26 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     prepared.config.call_timeout = None;
     prepared.config.max_in_flight = fed.round.max_in_flight.unwrap_or(2 * workers).max(1);
 
-    let data = tokio::task::block_in_place(|| SimData::load(&learner, args.clients))?;
     let isolation = match args.isolation {
         SimIsolation::Thread => {
-            let (learner, data) = (learner.clone(), data.clone());
+            // Loaded once, shared by the workers (process workers load their own).
+            let data = tokio::task::block_in_place(|| SimData::load(&learner, args.clients))?;
+            let learner = learner.clone();
             let make: MakeReplica = Arc::new(move |_| {
                 Ok(Box::new(LearnerReplica::new(&learner, data.clone())?) as Box<dyn Replica>)
             });
             Isolation::Threads(make)
         }
-        SimIsolation::Process => {
-            drop(data);
-            Isolation::Processes(WorkerCommand {
-                program: std::env::current_exe().context("locating the petal executable")?,
-                args: vec![
-                    "sim-worker".into(),
-                    "--learner-config".into(),
-                    learner.to_json(),
-                ],
-                env: vec![("RAYON_NUM_THREADS".into(), learner.threads().to_string())],
-                recycle_after: args.recycle_after,
-            })
-        }
+        SimIsolation::Process => Isolation::Processes(WorkerCommand {
+            program: std::env::current_exe().context("locating the petal executable")?,
+            args: vec![
+                "sim-worker".into(),
+                "--learner-config".into(),
+                learner.to_json(),
+            ],
+            env: vec![("RAYON_NUM_THREADS".into(), learner.threads().to_string())],
+            recycle_after: args.recycle_after,
+        }),
     };
     let pool = Arc::new(WorkerPool::new(workers, isolation)?);
     let federation = Federation::new(args.clients, pool.clone());
@@ -345,10 +332,14 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         !args.no_progress,
     );
     let mut strategy = prepared.strategy;
-    let outcome = tokio::select! {
-        r = petal_core::run_federation(&federation, &mut *strategy, &prepared.config, resume, &observer) => Ok(r),
-        stop = shutdown_signal() => Err(stop),
-    };
+    let outcome = until_signal(
+        &federation,
+        &mut *strategy,
+        &prepared.config,
+        resume,
+        &observer,
+    )
+    .await;
     observer.clear();
     let stats = pool.stats();
     tracing::info!(
@@ -364,25 +355,8 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
             ),
         }
     );
-    let shown = run.dir.path().display().to_string();
-    let history: History = match outcome {
-        Err(stop) => {
-            let h = run.dir.finish(RunStatus::Interrupted)?;
-            eprint!("{}", h.summary());
-            run.discard_if_empty(Some(&h));
-            return Err(Interrupted(shown, stop).into());
-        }
-        Ok(outcome) => federation_outcome(&run, outcome, &shown)?,
-    };
-    if let Some(r) = history.rounds.iter().find(|r| r.fit_results == 0) {
-        let why: Vec<String> = r.failures.iter().map(|f| f.to_string()).collect();
-        bail!(
-            "round {} aggregated no training result ({})",
-            r.round,
-            why.join("; ")
-        );
-    }
-    Ok(())
+    let history = federation_outcome(&run, outcome)?;
+    every_round_trained(&history)
 }
 
 /// `petal sim-worker`: answers simulation tasks on stdin until it closes.
